@@ -1,0 +1,1 @@
+"""ISPRS crop datasets, the incremental wrapper (split files + label remapping) and joint transforms."""

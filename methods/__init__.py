@@ -1,0 +1,1 @@
+"""Incremental-learning methods: a registry from name to Method class; each owns its losses, presets and state."""

@@ -1,0 +1,1 @@
+"""ResNet backbones with a pluggable normalisation+activation (in-place ABN or pure PyTorch)."""

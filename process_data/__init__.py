@@ -1,0 +1,1 @@
+"""Raw ISPRS archives -> crops, meta.json and split files; the synthetic ISPRS generator."""

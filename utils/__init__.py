@@ -1,0 +1,1 @@
+"""Shared helpers: errors, metrics, logging, schedulers, checkpoints, distributed and colour maps."""

@@ -1,0 +1,21 @@
+"""User-facing errors: one clear line, exit code 2, no traceback."""
+import functools
+import sys
+
+
+class UserError(Exception):
+    """Something the user can fix (a path, an option, the data, a missing previous step)."""
+
+
+def exit_on_user_error(main):
+    """Decorate a command-line entry point: a UserError prints `error: <message>` and exits 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper
