@@ -1,0 +1,110 @@
+"""Confusion-matrix segmentation metrics with the old / new / all summary of CISS papers."""
+from __future__ import annotations
+
+import torch
+
+from utils import distributed
+
+
+class SegmentationMetrics:
+    """Accumulates a confusion matrix (rows = ground truth, columns = prediction) on `device`.
+
+    Call `update` per batch, `synchronize` once after the last batch (sums over ranks), then `results`.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, device="cpu"):
+        self.num_classes = int(num_classes)
+        self.ignore_index = ignore_index
+        self.device = torch.device(device)
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=self.device)
+
+    def reset(self) -> None:
+        self.confusion.zero_()
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred: class indices [B,H,W] or logits [B,C,H,W] (C <= num_classes); target: labels [B,H,W]."""
+        if pred.dim() == target.dim() + 1:
+            if pred.shape[1] > self.num_classes:
+                raise ValueError(f"logits have {pred.shape[1]} channels but the metric has {self.num_classes} classes")
+            pred = pred.argmax(dim=1)
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}")
+        pred = pred.to(self.device, torch.int64).flatten()
+        target = target.to(self.device, torch.int64).flatten()
+        keep = target != self.ignore_index
+        pred, target = pred[keep], target[keep]
+        n = self.num_classes
+        # One check (one device sync) per batch: a label outside [0, n) would land in a wrong cell silently.
+        if ((target < 0) | (target >= n) | (pred < 0) | (pred >= n)).any():
+            raise ValueError(f"labels or predictions outside [0, {n}) that are not ignore_index={self.ignore_index}")
+        self.confusion += torch.bincount(target * n + pred, minlength=n * n).view(n, n)
+
+    def synchronize(self) -> None:
+        """Sum the matrices of all ranks (no-op without a process group). Call exactly once."""
+        distributed.all_reduce_sum(self.confusion)
+
+    def results(self, old_classes, new_classes, background: int = 0) -> dict:
+        """Metrics as fractions in [0, 1]; None where undefined (no ground truth / no new classes).
+
+        old_classes: the classes of step 0 (background included); new_classes: those added at steps 1..t.
+        """
+        conf = self.confusion.double().cpu()
+        true_pos = conf.diag()
+        gt_count = conf.sum(dim=1)
+        pred_count = conf.sum(dim=0)
+        has_gt = gt_count > 0
+        iou = torch.where(has_gt, true_pos / (gt_count + pred_count - true_pos).clamp(min=1), torch.nan)
+        acc = torch.where(has_gt, true_pos / gt_count.clamp(min=1), torch.nan)
+
+        old = [c for c in old_classes if c != background]
+        new = [c for c in new_classes if c != background]
+        seen = sorted(set(old_classes) | set(new_classes))
+        total = conf.sum()
+        return {
+            "iou": _to_list(iou),
+            "acc": _to_list(acc),
+            "miou_old": _nanmean(iou, old),
+            "miou_new": _nanmean(iou, new) if new else None,
+            "miou_all": _nanmean(iou, old + new),
+            "miou_all_bg": _nanmean(iou, seen),
+            "overall_acc": float(true_pos.sum() / total) if total > 0 else None,
+            "mean_acc": _nanmean(acc, seen),
+            "confusion": self.confusion.cpu().tolist(),
+        }
+
+
+def _to_list(values: torch.Tensor) -> list:
+    return [None if v != v else v for v in values.tolist()]  # NaN -> None
+
+
+def _nanmean(values: torch.Tensor, classes) -> float | None:
+    """Mean over `classes` that have a value (ground truth); None when none has."""
+    if not classes:
+        return None
+    picked = values[list(classes)]
+    picked = picked[~picked.isnan()]
+    return float(picked.mean()) if picked.numel() else None
+
+
+def _percent(value) -> str:
+    return "x" if value is None else f"{100 * value:.2f}"
+
+
+def format_table(results: dict, class_names) -> str:
+    """Readable per-class IoU / accuracy table plus the old / new / all summary (percent, `x` = undefined)."""
+    names = [class_names[c] if c < len(class_names) else str(c) for c in range(len(results["iou"]))]
+    width = max([len(n) for n in names] + [len("mIoU all+bg")])
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+    lines += [f"{n:<{width}}  {_percent(i):>6}  {_percent(a):>6}" for n, i, a in zip(names, results["iou"], results["acc"])]
+    lines.append("-" * (width + 16))
+    summary = [
+        ("mIoU old", "miou_old"),
+        ("mIoU new", "miou_new"),
+        ("mIoU all", "miou_all"),
+        ("mIoU all+bg", "miou_all_bg"),
+        ("overall acc", "overall_acc"),
+        ("mean acc", "mean_acc"),
+    ]
+    lines += [f"{label:<{width}}  {_percent(results[key]):>6}" for label, key in summary]
+    return "\n".join(lines)

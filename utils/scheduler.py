@@ -1,0 +1,40 @@
+"""Learning-rate schedules stepped every iteration (MiB's --lr_policy poly|step)."""
+from __future__ import annotations
+
+from torch.optim.lr_scheduler import LRScheduler, StepLR
+
+from utils.errors import UserError
+
+
+class PolyLR(LRScheduler):
+    """lr_i = max(base_lr * (1 - i / max_iters) ** power, min_lr); call step() after every iteration."""
+
+    def __init__(self, optimizer, max_iters: int, power: float = 0.9, min_lr: float = 1e-6, last_epoch: int = -1):
+        if max_iters <= 0:
+            raise ValueError(f"max_iters must be positive, got {max_iters}")
+        self.max_iters = int(max_iters)
+        self.power = float(power)
+        self.min_lr = float(min_lr)
+        super().__init__(optimizer, last_epoch)
+
+    def _factor(self) -> float:
+        # Clamp so stepping past max_iters stays at min_lr instead of a complex power of a negative number.
+        done = min(self.last_epoch, self.max_iters) / self.max_iters
+        return (1.0 - done) ** self.power
+
+    def get_lr(self):
+        factor = self._factor()
+        return [max(base_lr * factor, self.min_lr) for base_lr in self.base_lrs]
+
+    _get_closed_form_lr = get_lr
+
+
+def build_scheduler(name: str, optimizer, max_iters: int, power: float = 0.9, step_size: int | None = None, gamma: float = 0.1):
+    """'poly' -> PolyLR; 'step' -> StepLR every `step_size` iterations by `gamma` (MiB --lr_decay_step / --lr_decay_factor)."""
+    if name == "poly":
+        return PolyLR(optimizer, max_iters=max_iters, power=power)
+    if name == "step":
+        if not step_size or step_size <= 0:
+            raise UserError(f"--lr_policy step needs a positive step size in iterations (got {step_size}); set --lr_decay_step")
+        return StepLR(optimizer, step_size=int(step_size), gamma=gamma)
+    raise UserError(f"--lr_policy {name!r} is unknown; use poly or step")
