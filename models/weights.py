@@ -1,0 +1,147 @@
+"""ImageNet weights for the backbones: where they live, how they load, torchvision-format conversion."""
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+from .norm_act import BN_EPS, NORM_ACT_NAMES, norm_act_factory
+from .resnet import ARCHITECTURES, resnet
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRETRAINED_DIR = REPO_ROOT / "pretrained"
+
+# in-place ABN weights (scale |w|+eps, leaky ReLU) serve both in-place ABN variants
+_SAME_WEIGHTS = {"iabn": ("iabn", "iabn_sync"), "iabn_sync": ("iabn_sync", "iabn")}
+
+
+def default_pretrained_path(backbone, norm_act):
+    """MiB's file name: <repo>/pretrained/<backbone>_<norm_act>.pth.tar."""
+    return PRETRAINED_DIR / f"{backbone}_{norm_act}.pth.tar"
+
+
+def find_default_pretrained(backbone, norm_act):
+    """The existing default weight file (iabn and iabn_sync share files), or UserError naming the expected path."""
+    candidates = [default_pretrained_path(backbone, name) for name in _SAME_WEIGHTS.get(norm_act, (norm_act,))]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UserError(f"ImageNet weights for --backbone {backbone} --norm_act {norm_act} not found: expected "
+                    f"{candidates[0]}; put them there (see pretrained/README.md) or pass --no_pretrained")
+
+
+def resolve_pretrained_path(path):
+    """A user-given weight path: as given (cwd), else relative to the repository root."""
+    path = Path(path).expanduser()
+    for candidate in (path, REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"pretrained weights {path} do not exist; give an existing file or pass --no_pretrained")
+
+
+def read_state_dict(path):
+    """Load a checkpoint file as a flat {name: tensor} dict (unwraps state_dict/model, strips `module.`)."""
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # old checkpoints may pickle extra objects; the user put this file here on purpose
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any failure means an unreadable file
+        raise UserError(f"{path} cannot be read as a PyTorch checkpoint ({type(err).__name__}); "
+                        "replace the file or pass --no_pretrained") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+            break
+    if not isinstance(checkpoint, dict) or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in checkpoint.items()):
+        raise UserError(f"{path} does not hold a state dict of tensors; replace the file or pass --no_pretrained")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
+
+
+def _is_torchvision_format(state_dict):
+    return "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in state_dict)
+
+
+def load_pretrained(body, path, backbone="the backbone"):
+    """Load ImageNet weights into `body`; any key or shape mismatch is a UserError naming the file."""
+    state = read_state_dict(path)
+    # the in-place ABN ImageNet checkpoints carry their classifier; the body has none
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    if _is_torchvision_format(state):
+        raise UserError(f"{path} holds torchvision-format ResNet weights; convert them with "
+                        f"`python pretrained/convert_torchvision.py {path} <output>.pth.tar --arch <resnetXX>` "
+                        "(see pretrained/README.md)")
+    expected = body.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                problems.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+        raise UserError(f"{path} does not match {backbone}: {', '.join(problems)}; use weights made for this "
+                        "backbone (see pretrained/README.md) or pass --no_pretrained")
+    body.load_state_dict(state, strict=True)
+    return body
+
+
+# torchvision key -> ours; L = stage (1..4) -> mod L+1, B = block index (0-based) -> block B+1
+_TORCHVISION_RULES = [
+    (re.compile(r"^conv1\.weight$"), lambda m: "mod1.conv1.weight"),
+    (re.compile(r"^bn1\.(\w+)$"), lambda m: f"mod1.bn1.{m[1]}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.(conv\d|bn\d)\.(\w+)$"),
+     lambda m: f"mod{int(m[1]) + 1}.block{int(m[2]) + 1}.convs.{m[3]}.{m[4]}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.downsample\.0\.weight$"),
+     lambda m: f"mod{int(m[1]) + 1}.block{int(m[2]) + 1}.proj_conv.weight"),
+    (re.compile(r"^layer(\d)\.(\d+)\.downsample\.1\.(\w+)$"),
+     lambda m: f"mod{int(m[1]) + 1}.block{int(m[2]) + 1}.proj_bn.{m[3]}"),
+]
+_BN_WEIGHT = re.compile(r"(^|\.)(bn\d|proj_bn)\.weight$")
+
+
+def convert_torchvision_state_dict(state_dict, arch, norm_act="iabn_sync", eps=BN_EPS):
+    """Map torchvision ResNet keys to ours and check them against `arch`.
+
+    For in-place ABN targets the BN weight w becomes max(w, eps) - eps, so that in-place
+    ABN's scale |w'| + eps equals w (exact for w >= eps; smaller/negative w are clamped).
+    Returns (state_dict, number of clamped BN weights).
+    """
+    if arch not in ARCHITECTURES:
+        raise UserError(f"--arch {arch!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
+    if norm_act not in NORM_ACT_NAMES:
+        raise UserError(f"--norm_act {norm_act!r} is unknown; use one of {', '.join(NORM_ACT_NAMES)}")
+    converted, unknown = {}, []
+    for key, value in state_dict.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        if key.startswith("fc."):
+            continue  # ImageNet classifier
+        for pattern, rename in _TORCHVISION_RULES:
+            match = pattern.match(key)
+            if match:
+                converted[rename(match)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UserError(f"{len(unknown)} keys are not torchvision ResNet keys (e.g. {unknown[0]}); "
+                        "give a torchvision-format ResNet checkpoint")
+    clamped = 0
+    if norm_act in ("iabn", "iabn_sync"):
+        for key in [k for k in converted if _BN_WEIGHT.search(k)]:
+            weight = converted[key]
+            clamped += int((weight < eps).sum())
+            converted[key] = weight.clamp(min=eps) - eps
+    reference = resnet(arch, norm_act_factory("abn")).state_dict()
+    missing = [k for k in reference if k not in converted and not k.endswith("num_batches_tracked")]
+    extra = [k for k in converted if k not in reference]
+    wrong_shape = [k for k in converted if k in reference and converted[k].shape != reference[k].shape]
+    if missing or extra or wrong_shape:
+        example = (missing or extra or wrong_shape)[0]
+        raise UserError(f"the weights do not match --arch {arch}: {len(missing)} missing, {len(extra)} extra, "
+                        f"{len(wrong_shape)} wrong-shape keys (e.g. {example}); check --arch")
+    return converted, clamped

@@ -1,0 +1,94 @@
+"""The incremental segmentation model: body (backbone), head (DeepLabV3), one 1x1 classifier per step."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.norm_act import NORM_LAYER_TYPES
+
+
+def classifier_prefix(step):
+    """Parameter-name prefix of the classifier added at `step` (e.g. `cls.1.`)."""
+    return f"cls.{step}."
+
+
+def is_classifier_param(name, step=None):
+    """Whether parameter `name` (a DDP `module.` prefix is ignored) belongs to a classifier (of `step`)."""
+    name = name[len("module."):] if name.startswith("module.") else name
+    return name.startswith(classifier_prefix(step) if step is not None else "cls.")
+
+
+class IncrementalSegmentationModule(nn.Module):
+    """body -> head -> concatenation of the per-step classifiers `cls[i]` (classes[i] channels each).
+
+    forward(x) -> (logits [B, sum(classes), H, W] bilinearly upsampled to x's size,
+                   {"body": body output, "pre_logits": head output}).
+    """
+
+    def __init__(self, body, head, head_channels, classes):
+        super().__init__()
+        if not classes or any(int(c) < 1 for c in classes):
+            raise ValueError(f"classes must be a non-empty list of positive counts, got {classes}")
+        self.body = body
+        self.head = head
+        self.classes = [int(c) for c in classes]
+        self.cls = nn.ModuleList([nn.Conv2d(head_channels, c, 1, bias=True) for c in self.classes])
+        self._bn_fixed = False
+
+    @property
+    def num_classes(self):
+        return sum(self.classes)
+
+    def forward(self, x):
+        body_out = self.body(x)
+        head_out = self.head(body_out)
+        logits = torch.cat([classifier(head_out) for classifier in self.cls], dim=1)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, {"body": body_out, "pre_logits": head_out}
+
+    @torch.no_grad()
+    def init_new_classifier(self):
+        """MiB's init_balanced (METHODS.md §2) on the last classifier: the old background
+        probability is shared equally by background and the N new classes."""
+        if len(self.cls) < 2:
+            raise ValueError("init_new_classifier needs a model with a classifier added after step 0")
+        background_weight = self.cls[0].weight[0].clone()
+        background_bias = self.cls[0].bias[0].clone()
+        new = self.cls[-1]
+        shared_bias = background_bias - math.log(new.out_channels + 1)
+        new.weight.copy_(background_weight.expand_as(new.weight))
+        new.bias.copy_(shared_bias.expand_as(new.bias))
+        self.cls[0].bias[0] = shared_bias
+
+    def classifier_param_names(self, step):
+        """Names of the parameters of the classifier added at `step`."""
+        return [name for name, _ in self.named_parameters() if is_classifier_param(name, step)]
+
+    def freeze_body(self, include_head=False):
+        """Stop training the backbone (and the head if asked); classifiers stay trainable."""
+        frozen = [self.body, self.head] if include_head else [self.body]
+        for module in frozen:
+            module.requires_grad_(False)
+
+    def fix_bn(self):
+        """Put every norm layer in eval mode and freeze its affine parameters.
+
+        Persistent: a later `train()` keeps the norm layers in eval mode.
+        """
+        self._bn_fixed = True
+        self._apply_fix_bn()
+
+    def _apply_fix_bn(self):
+        for module in self.modules():
+            if isinstance(module, NORM_LAYER_TYPES):
+                module.eval()
+                for param in (module.weight, module.bias):
+                    if param is not None:
+                        param.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self._bn_fixed:
+            self._apply_fix_bn()
+        return self
