@@ -1,1 +1,23 @@
 """Incremental-learning methods: a registry from name to Method class; each owns its losses, presets and state."""
+from methods.base import Method, StepContext
+from methods.mib_family import EWC, FT, ILT, LWF, LWFMC, PI, RW, MiB
+from methods.hciss import HCISS
+from methods.micro import MiCro
+from methods.mib_cd import MiBCD
+from utils.errors import UserError
+
+# The registry: a new method is one file plus one entry here.
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (FT, LWF, LWFMC, ILT, EWC, RW, PI, MiB, HCISS, MiCro, MiBCD)
+}
+ALIASES = {"MIB": "MiB", "LWFMC": "LWF-MC", "MIB-CD": "MiB-CD", "MICRO": "MiCro"}
+
+
+def get_method_class(name: str) -> type[Method]:
+    """Look a method up by the name users type (case-insensitive, MiB aliases accepted)."""
+    lookup = {n.upper(): n for n in METHODS}
+    lookup.update({alias.upper(): target for alias, target in ALIASES.items()})
+    key = lookup.get(str(name).upper())
+    if key is None:
+        raise UserError(f"unknown --method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[key]

@@ -1,0 +1,185 @@
+"""The Method base class: MiB's composable losses (CE/UnCE/BCE, KD/UnKD, DE, iCaRL, regularisers,
+rotation invariance), driven by options. A named method is a subclass that sets presets and may add
+loss terms; the Trainer only calls the hooks below and never names a method."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from methods import losses
+from methods.invariance import NUM_SYMMETRIES, invariance_losses, apply_symmetry
+from methods.regularizers import make_regularizer
+from utils.errors import UserError
+
+
+@dataclass
+class StepContext:
+    """Everything a loss may need for one training batch (the un-rotated half when MiB-CD doubles it)."""
+
+    step: int
+    old_classes: int  # C°: channels of the old model, background included (0 at step 0)
+    images: torch.Tensor  # [B, C, H, W]
+    labels: torch.Tensor  # [B, H, W] training labels after `target_labels`
+    logits: torch.Tensor  # [B, C, H, W] new-model logits at the input size
+    features: dict = field(default_factory=dict)  # "body", "pre_logits" of the new model
+    old_logits: torch.Tensor | None = None  # [B, C°, H, W], no grad
+    old_features: dict | None = None
+
+
+class Method:
+    """FT behaviour plus every MiB option; subclasses change presets or add terms."""
+
+    name = "base"
+    summary = ""
+    paper = ""
+    # option -> value applied when the user did not give the flag explicitly
+    presets: dict = {}
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Add method-specific flags to the parser (called for every registered method)."""
+
+    def __init__(self, opts, step: int, classes: list[int]):
+        self.opts = opts
+        self.step = step
+        self.classes = list(classes)
+        self.old_classes = sum(self.classes[:-1]) if step > 0 else 0
+        self.regularizer = None
+        # Symmetries are drawn from a seeded generator so runs are reproducible.
+        self._symmetry_rng = torch.Generator().manual_seed(int(opts.random_seed) + 1000 * step)
+
+    # ---------------------------------------------------------------- model set-up
+    @property
+    def uses_old_model(self) -> bool:
+        """Whether the frozen model of step t-1 must be run during training."""
+        return self.step > 0
+
+    def init_new_model(self, model) -> None:
+        """Called once after the step t-1 weights were loaded into the new model (t > 0)."""
+        if self.opts.init_balanced:
+            model.init_new_classifier()
+
+    def setup(self, model, previous_state: dict | None) -> None:
+        """Build per-step state from the trainable parameters (unwrapped model) and the state that
+        the checkpoint of step t-1 carried (None at step 0)."""
+        previous_state = previous_state or {}
+        name = self.opts.regularizer
+        if not name:
+            return
+        prev_reg = previous_state.get("regularizer")
+        if self.step > 0 and (prev_reg is None or prev_reg.get("name") != name):
+            raise UserError(
+                f"--regularizer {name} needs the {name} state of step {self.step - 1}, but that checkpoint "
+                f"has none; train step 0 with the same method/--regularizer first"
+            )
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.regularizer = make_regularizer(
+            name,
+            params,
+            previous_state=prev_reg["state"] if prev_reg else None,
+            importance=self.opts.reg_importance,
+            alpha=self.opts.reg_alpha,
+            normalize=not self.opts.reg_no_normalize,
+            iterations=self.opts.reg_iterations,
+        )
+
+    # ---------------------------------------------------------------- training
+    def target_labels(self, labels: torch.Tensor, old_logits: torch.Tensor | None) -> torch.Tensor:
+        """Training labels actually used (HCISS reconstructs old classes here)."""
+        return labels
+
+    def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.opts.icarl:
+            return losses.bce_with_onehot(logits, labels)
+        if self.opts.unce and self.step > 0:
+            return losses.unbiased_cross_entropy(logits, labels, self.old_classes)
+        return losses.cross_entropy(logits, labels)
+
+    def distillation_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """KD/UnKD on outputs, ILT's feature distillation and iCaRL's distillation (t > 0)."""
+        terms = {}
+        if ctx.old_logits is None:
+            return terms
+        opts = self.opts
+        if opts.loss_kd > 0:
+            kd = losses.unbiased_knowledge_distillation if opts.unkd else losses.knowledge_distillation
+            terms["kd"] = opts.loss_kd * kd(ctx.logits, ctx.old_logits, alpha=opts.alpha)
+        if opts.loss_de > 0:
+            terms["de"] = opts.loss_de * losses.feature_distillation(ctx.features["body"], ctx.old_features["body"])
+        if opts.icarl:
+            terms["icarl"] = opts.icarl_importance * losses.icarl_distillation(ctx.logits, ctx.old_logits)
+        return terms
+
+    def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Method-specific terms (HCISS, MiCro); empty for the MiB family."""
+        return {}
+
+    @property
+    def uses_invariance(self) -> bool:
+        return self.opts.cd_factor > 0 or (self.step > 0 and self.opts.cd_factor_icl > 0)
+
+    def training_losses(self, model, old_model, images, labels) -> dict[str, torch.Tensor]:
+        """Forward the batch (doubled with a random symmetry for MiB-CD) and return the weighted loss
+        terms by name; the Trainer sums them."""
+        old_logits = old_features = None
+        if old_model is not None and self.uses_old_model:
+            with torch.no_grad():
+                old_logits, old_features = old_model(images)
+        labels = self.target_labels(labels, old_logits)
+
+        batch = images.shape[0]
+        symmetry = None
+        if self.uses_invariance:
+            symmetry = int(torch.randint(NUM_SYMMETRIES, (1,), generator=self._symmetry_rng))
+            inputs = torch.cat([images, apply_symmetry(images, symmetry)])
+            seg_labels = torch.cat([labels, apply_symmetry(labels, symmetry)])
+        else:
+            inputs, seg_labels = images, labels
+
+        logits_all, features_all = model(inputs)
+        ctx = StepContext(
+            step=self.step,
+            old_classes=self.old_classes,
+            images=images,
+            labels=labels,
+            logits=logits_all[:batch],
+            features={k: v[:batch] for k, v in features_all.items()},
+            old_logits=old_logits,
+            old_features=old_features,
+        )
+        terms = {"seg": self.segmentation_loss(logits_all, seg_labels)}
+        terms.update(self.distillation_losses(ctx))
+        terms.update(self.extra_losses(ctx))
+        if symmetry is not None:
+            terms.update(
+                invariance_losses(
+                    features_all["pre_logits"],
+                    old_features["pre_logits"] if old_features is not None else None,
+                    symmetry,
+                    batch,
+                    cd_factor=self.opts.cd_factor,
+                    cd_factor_icl=self.opts.cd_factor_icl,
+                )
+            )
+        return terms
+
+    def before_step(self) -> dict[str, torch.Tensor]:
+        """After backward (gradients DDP-averaged and unscaled), before optimizer.step().
+        Returns extra values to log (e.g. the regulariser penalty)."""
+        if self.regularizer is None:
+            return {}
+        return {"reg_penalty": self.regularizer.before_step()}
+
+    def after_step(self) -> None:
+        """After optimizer.step(): running state updates."""
+        if self.regularizer is not None:
+            self.regularizer.after_step()
+
+    # ---------------------------------------------------------------- state across steps
+    def state_dict(self) -> dict:
+        """State saved in the step checkpoint and handed to the next step's `setup`."""
+        state = {}
+        if self.regularizer is not None:
+            state["regularizer"] = {"name": self.opts.regularizer, "state": self.regularizer.state_dict()}
+        return state

@@ -1,0 +1,91 @@
+"""HCISS: historical-information-guided CISS (label reconstruction + feature global perception),
+a reconstruction of Rong et al., IEEE TGRS 2022 from its published description (METHODS.md §8)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import Method, StepContext
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 (autocast) -> fp32, so softmaxes and squared errors run in fp32; fp64 is kept."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def reconstruct_labels(labels: torch.Tensor, old_logits: torch.Tensor | None, threshold: float) -> torch.Tensor:
+    """Give background pixels back the old class the old model is confident about.
+
+    labels [B, H, W] (255 = ignore), old_logits [B, C°, H, W] at the same size. A pixel labelled 0
+    whose old argmax c is an old foreground class (c >= 1) with softmax probability >= threshold is
+    relabelled c; every other pixel (current classes, 255, uncertain or old-background pixels) is
+    kept. Returns a new tensor; `labels` is not modified. Without old logits, returns `labels`.
+    """
+    if old_logits is None:
+        return labels
+    if old_logits.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(f"old logits {tuple(old_logits.shape)} and labels {tuple(labels.shape)} differ in size")
+    with torch.no_grad():
+        confidence, old_class = torch.softmax(at_least_fp32(old_logits), dim=1).max(dim=1)
+        relabel = (labels == 0) & (old_class > 0) & (confidence >= threshold)
+        return torch.where(relabel, old_class.to(labels.dtype), labels)
+
+
+def old_foreground_attention(old_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A = 1 − p°(background) [B, 1, h, w], brought to `size` by adaptive average pooling (area
+    average: each feature cell gets the mean old-foreground probability of the pixels it covers)."""
+    foreground = 1.0 - torch.softmax(at_least_fp32(old_logits), dim=1)[:, :1]
+    return F.adaptive_avg_pool2d(foreground, size)
+
+
+def feature_global_perception_loss(
+    body: torch.Tensor, old_body: torch.Tensor, old_logits: torch.Tensor
+) -> torch.Tensor:
+    """L_fgp = Σ A·mean_ch (b − b°)² / (Σ A + 1e-6) + mean((GAP(b) − GAP(b°))²), sums over the batch.
+
+    body, old_body [B, K, h, w]; old_logits [B, C°, H, W] (any size: the attention is pooled to h×w)."""
+    body, old_body = at_least_fp32(body), at_least_fp32(old_body)
+    attention = old_foreground_attention(old_logits, body.shape[-2:])  # no grad: old model only
+    local = (body - old_body).pow(2).mean(dim=1, keepdim=True)
+    local_term = (attention * local).sum() / (attention.sum() + 1e-6)
+    global_term = (body.mean(dim=(2, 3)) - old_body.mean(dim=(2, 3))).pow(2).mean()
+    return local_term + global_term
+
+
+class HCISS(Method):
+    """Label reconstruction (plain CE on labels where confident old predictions fill the background)
+    + attention-weighted body-feature distillation with a global-context term + MiB's UnKD ×10 and
+    balanced initialisation. Step 0 is plain CE.
+
+    A reconstruction: no code was published. Free choices, all flags: the confidence threshold
+    (--hciss_threshold), the loss weight (--hciss_fgp); the attention is brought to the body
+    resolution by adaptive average pooling; distillation is on `body` (backbone output)."""
+
+    name = "HCISS"
+    summary = "label reconstruction from confident old predictions + attention-weighted feature distillation + UnKD"
+    paper = (
+        "Rong et al., Historical Information-Guided Class-Incremental Semantic Segmentation in Remote "
+        "Sensing Images, IEEE TGRS 2022 (reconstruction: no code published)"
+    )
+    presets = {"loss_kd": 10.0, "unkd": True, "unce": False, "init_balanced": True}
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        if "--hciss_threshold" in parser._option_string_actions:  # already added (e.g. by a subclass)
+            return
+        group = parser.add_argument_group("HCISS", "HCISS reconstruction (METHODS.md §8)")
+        group.add_argument("--hciss_threshold", type=float, default=0.7,
+                           help="old-model confidence needed to relabel a background pixel with its old class (0.7)")
+        group.add_argument("--hciss_fgp", type=float, default=100.0,
+                           help="weight of the feature global perception loss (100; 0 disables it)")
+
+    def target_labels(self, labels: torch.Tensor, old_logits: torch.Tensor | None) -> torch.Tensor:
+        if self.step == 0:
+            return labels
+        return reconstruct_labels(labels, old_logits, self.opts.hciss_threshold)
+
+    def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if ctx.old_features is None or ctx.old_logits is None or self.opts.hciss_fgp <= 0:
+            return {}
+        loss = feature_global_perception_loss(ctx.features["body"], ctx.old_features["body"], ctx.old_logits)
+        return {"fgp": self.opts.hciss_fgp * loss}
