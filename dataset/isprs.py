@@ -1,0 +1,78 @@
+"""Processed ISPRS crops (DESIGN §3.4): `<data_root>/<dataset>/{train,test}/{images,labels}/*.png`."""
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils.errors import UserError
+
+META_VERSION = 1
+DATASETS = ("vaihingen", "potsdam")
+
+
+def dataset_dir(data_root, dataset):
+    return Path(data_root) / dataset
+
+
+def _process_command(data_root, dataset):
+    return f"python process_data/data_process_{dataset}.py --src RAW --dst {data_root}"
+
+
+def load_meta(data_root, dataset):
+    """meta.json of a processed dataset; a clear UserError when it is missing or unreadable."""
+    if dataset not in DATASETS:
+        raise UserError(f"--dataset {dataset}: choose one of {', '.join(DATASETS)}")
+    path = dataset_dir(data_root, dataset) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: --data_root {data_root} holds no processed {dataset}; "
+                        f"run `{_process_command(data_root, dataset)}` first")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({err}); run `{_process_command(data_root, dataset)}` "
+                        f"again") from None
+    if meta.get("format_version") != META_VERSION or meta.get("dataset") != dataset:
+        raise UserError(f"{path} is not a meta.json of {dataset} in format {META_VERSION}; run "
+                        f"`{_process_command(data_root, dataset)}` again")
+    return meta
+
+
+class ISPRSCrops(Dataset):
+    """The crops of one split in meta.json's sorted order: item = (image H x W x C uint8, label H x W uint8)."""
+
+    def __init__(self, data_root, dataset, split, meta=None):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be train or test, not {split!r}")
+        self.meta = load_meta(data_root, dataset) if meta is None else meta
+        self.data_root, self.dataset, self.split = str(data_root), dataset, split
+        self.root = dataset_dir(data_root, dataset) / split
+        self.names = list(self.meta[split]["crops"])
+        self.num_channels = int(self.meta["num_channels"])
+
+    def __len__(self):
+        return len(self.names)
+
+    def class_pixels(self):
+        """[n_crops, 7] pixels per class 0..5 and 255 (meta.json's counts)."""
+        return np.asarray(self.meta[self.split]["class_pixels"], dtype=np.int64)
+
+    def _read(self, path, channels):
+        try:
+            with Image.open(path) as img:
+                array = np.array(img)  # a writable copy (torch.from_numpy needs one)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {path} ({err}); the processed dataset is damaged: run "
+                            f"`{_process_command(self.data_root, self.dataset)}` again") from None
+        got = 1 if array.ndim == 2 else array.shape[2]
+        if array.dtype != np.uint8 or got != channels:
+            raise UserError(f"{path} has {got} channel(s) of {array.dtype}, expected {channels} of "
+                            f"uint8; run `{_process_command(self.data_root, self.dataset)}` again")
+        return array
+
+    def __getitem__(self, index):
+        name = self.names[index]
+        image = self._read(self.root / "images" / name, self.num_channels)
+        label = self._read(self.root / "labels" / name, 1)
+        return image, label

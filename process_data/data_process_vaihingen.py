@@ -1,0 +1,19 @@
+"""Process the ISPRS Vaihingen archives into crops, meta.json and split files (DESIGN.md §3.4).
+
+    python process_data/data_process_vaihingen.py --src RAW --dst DATA_ROOT [--crop_size 512] [--stride 512]
+        [--test_labels eroded|complete] [--seed 42] [--min_pixels N] [--splits_only]
+
+--src holds the official archives, zipped or extracted; the result goes to DATA_ROOT/vaihingen/.
+--splits_only rewrites the split files from DATA_ROOT/vaihingen/meta.json without reading images.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from process_data.isprs_processing import VAIHINGEN, main_for  # noqa: E402
+
+main = main_for(VAIHINGEN)
+
+if __name__ == "__main__":
+    main()

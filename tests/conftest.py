@@ -1,0 +1,43 @@
+"""Shared fixtures: small synthetic ISPRS raw archives and their processed crops (session scoped)."""
+import numpy as np
+import pytest
+
+from process_data.isprs_processing import POTSDAM, VAIHINGEN, process_dataset
+from process_data.make_synthetic_isprs import generate
+
+# Small enough for a few seconds in total, big enough for every step of every task to get crops.
+RAW_SIZES = {"vaihingen": dict(tile_size=180, n_train=3, n_test=2),
+             "potsdam": dict(tile_size=192, n_train=3, n_test=2)}
+FIXTURE_CROP = 64
+
+
+@pytest.fixture(scope="session")
+def raw_root(tmp_path_factory):
+    """Folder with the extracted synthetic raw archives of both datasets (tiles ~150-210 px)."""
+    root = tmp_path_factory.mktemp("raw")
+    for dataset, sizes in RAW_SIZES.items():
+        generate(dataset, root, seed=0, **sizes)
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_root(raw_root, tmp_path_factory):
+    """Data root with both datasets processed at crop 64 / stride 64 (a few dozen crops each).
+
+    Shared by the whole session: treat it as read-only (copy it to change anything).
+    """
+    root = tmp_path_factory.mktemp("data")
+    for layout in (VAIHINGEN, POTSDAM):
+        process_dataset(layout, raw_root, root, crop_size=FIXTURE_CROP, stride=FIXTURE_CROP,
+                        seed=42, progress=False)
+    return root
+
+
+def assert_every_split_nonempty(root, dataset):
+    """Helper for tests: every step of every task has train crops (disjoint and overlapped)."""
+    import json
+    meta = json.loads((root / dataset / "meta.json").read_text())
+    for folder, sizes in meta["split"]["sizes"].items():
+        for step, size in enumerate(sizes):
+            assert size > 0, f"{dataset} {folder} step {step} is empty"
+            assert len(np.load(root / dataset / folder / f"train-{step}.npy")) == size
