@@ -75,9 +75,9 @@ def test_build_scheduler_step_and_errors():
 # ---- checkpoints ----------------------------------------------------------------------
 def test_checkpoint_path_naming(tmp_path):
     assert checkpoint_path(tmp_path, "4-1", "vaihingen", False, "MiB", 1) == \
-        tmp_path / "checkpoints" / "step" / "4-1-vaihingen_MiB_1.pth"
-    assert checkpoint_path("out", "2-1s", "potsdam", True, "MiCro", 3).as_posix() == \
-        "out/checkpoints/step/2-1s-potsdam-ov_MiCro_3.pth"
+        tmp_path / "step" / "4-1-vaihingen_MiB_1.pth"
+    assert checkpoint_path("checkpoints", "2-1s", "potsdam", True, "MiCro", 3).as_posix() == \
+        "checkpoints/step/2-1s-potsdam-ov_MiCro_3.pth"
 
 
 def test_save_load_replace_and_no_temp_left(tmp_path):

@@ -17,8 +17,8 @@ def run_tag(task: str, dataset: str, overlap: bool) -> str:
 
 
 def checkpoint_path(root, task: str, dataset: str, overlap: bool, name: str, step: int) -> Path:
-    """`<root>/checkpoints/step/<task>-<dataset>[-ov]_<name>_<step>.pth`."""
-    return Path(root) / "checkpoints" / "step" / f"{run_tag(task, dataset, overlap)}_{name}_{int(step)}.pth"
+    """`<root>/step/<task>-<dataset>[-ov]_<name>_<step>.pth` (root: --checkpoint_dir, default checkpoints)."""
+    return Path(root) / "step" / f"{run_tag(task, dataset, overlap)}_{name}_{int(step)}.pth"
 
 
 def atomic_write(path, write: Callable[[IO], None], binary: bool = True) -> Path:

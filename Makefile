@@ -1,0 +1,22 @@
+# make demo  - synthetic Vaihingen -> processing -> task 4-1 steps 0 and 1 on CPU -> old/new/all table
+# make test  - the pytest suite (CPU, synthetic data)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo clean-demo
+
+$(STAMP): requirements.txt scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	PYTHON=$(PY) bash scripts/demo.sh
+
+clean-demo:
+	rm -rf demo_out

@@ -1,0 +1,157 @@
+"""run.py end to end on synthetic Vaihingen: step chaining, --test, results files, launchers, errors."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "64", "--batch_size", "4", "--epochs", "1",
+        "--num_workers", "0", "--norm_act", "iabn", "--print_interval", "2"]
+
+
+def run_args(data_root, out, step=0, method="FT", task="4-1", extra=()):
+    return ["--data_root", str(data_root), "--dataset", "vaihingen", "--task", task, "--method", method,
+            "--step", str(step), "--checkpoint_dir", str(out / "ckpt"), "--logdir", str(out / "logs"),
+            "--results_dir", str(out / "results"), *TINY, *extra]
+
+
+def ckpt_file(out, step, name="FT", task="4-1"):
+    return out / "ckpt" / "step" / f"{task}-vaihingen_{name}_{step}.pth"
+
+
+def run_cli(args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
+def assert_user_error(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as exc:
+        run.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err[-1], (fragment, err[-1])
+
+
+@pytest.fixture(scope="module")
+def chained(data_root, tmp_path_factory):
+    """FT steps 0 and 1 of 4-1, trained once for the tests below."""
+    out = tmp_path_factory.mktemp("chain")
+    res0 = run.main(run_args(data_root, out, 0, extra=["--sample_num", "2"]))
+    res1 = run.main(run_args(data_root, out, 1))
+    return out, res0, res1
+
+
+def test_chain_writes_checkpoints_logs_and_results(chained):
+    out, res0, res1 = chained
+    for step in (0, 1):
+        ckpt = torch.load(ckpt_file(out, step), map_location="cpu", weights_only=False)
+        assert ckpt["classes"] == [5] if step == 0 else ckpt["classes"] == [5, 1]
+        assert ckpt["step"] == step and ckpt["epoch"] == 1
+        assert {"model", "optimizer", "scheduler", "method_state", "opts"} <= set(ckpt)
+        logdir = out / "logs" / "4-1-vaihingen" / "FT" / f"step{step}"
+        assert any(f.name.startswith("events.out.tfevents") for f in logdir.iterdir())
+        assert "test of step" in (logdir / "log.txt").read_text()
+    assert not list((out / "ckpt" / "step").glob("*.tmp*"))
+    rows = list(csv.DictReader(open(out / "results" / "vaihingen_4-1_FT.csv")))
+    assert [r["step"] for r in rows] == ["0", "1"]
+    assert rows[0]["car"] == "x" and rows[1]["car"] != "x"  # car (class 5) is unseen at step 0
+    assert res0["miou_new"] is None and res1["miou_new"] is not None
+    saved = json.load(open(out / "results" / "vaihingen_4-1_FT.json"))
+    assert set(saved["steps"]) == {"0", "1"}
+
+
+def test_test_mode_reproduces_final_numbers_and_replaces_row(chained, capsys):
+    out, _, res1 = chained
+    again = run.main(run_args(data_root_of(out), out, 1, extra=["--test"]))
+    for key in ("iou", "miou_old", "miou_new", "miou_all", "overall_acc", "confusion"):
+        assert again[key] == res1[key], key
+    rows = list(csv.DictReader(open(out / "results" / "vaihingen_4-1_FT.csv")))
+    assert [r["step"] for r in rows] == ["0", "1"]
+
+
+def data_root_of(out):
+    return Path(json.load(open(out / "results" / "vaihingen_4-1_FT.json"))["steps"]["0"]["options"]["data_root"])
+
+
+def test_test_mode_evaluates_the_saved_model_not_a_fresh_one(chained):
+    """--test with a checkpoint whose weights were perturbed must give different numbers."""
+    out, _, res1 = chained
+    ckpt = torch.load(ckpt_file(out, 1), map_location="cpu", weights_only=False)
+    ckpt["model"] = {k: (torch.zeros_like(v) if k.startswith("cls.") else v) for k, v in ckpt["model"].items()}
+    zeroed = out / "zeroed.pth"
+    torch.save(ckpt, zeroed)
+    res = run.main(run_args(data_root_of(out), out, 1, extra=["--test", "--ckpt", str(zeroed), "--name", "zeroed"]))
+    # zero classifiers predict class 0 everywhere: only background can have a non-zero IoU
+    assert all(v in (None, 0.0) for v in res["iou"][1:])
+    assert res["iou"] != res1["iou"]
+
+
+def test_missing_previous_step_is_one_clear_line(data_root, tmp_path, capsys):
+    expected = ckpt_file(tmp_path, 0)
+    assert_user_error(capsys, run_args(data_root, tmp_path, 1), str(expected), "--step 0")
+
+
+def test_test_without_checkpoint(data_root, tmp_path, capsys):
+    assert_user_error(capsys, run_args(data_root, tmp_path, 0, extra=["--test"]), "--test", "not found")
+
+
+def test_checkpoint_with_wrong_classes(chained, capsys):
+    out, _, _ = chained
+    argv = run_args(data_root_of(out), out, 1, extra=["--test", "--ckpt", str(ckpt_file(out, 0))])
+    assert_user_error(capsys, argv, "classes per step [5]", "[5, 1]")
+
+
+def test_step_ckpt_of_another_task_is_rejected(chained, capsys):
+    out, _, _ = chained
+    argv = run_args(data_root_of(out), out, 1, task="2-1s", extra=["--step_ckpt", str(ckpt_file(out, 0))])
+    assert_user_error(capsys, argv, "classes per step [5]")
+
+
+def test_missing_data_root(tmp_path, capsys):
+    assert_user_error(capsys, run_args(tmp_path / "nowhere", tmp_path, 0), "nowhere")
+
+
+def test_nan_loss_stops_without_checkpoint(data_root, tmp_path, capsys, monkeypatch):
+    import methods.losses
+
+    monkeypatch.setattr(methods.losses, "cross_entropy", lambda logits, labels, **kw: logits.sum() * float("nan"))
+    assert_user_error(capsys, run_args(data_root, tmp_path, 0), "NaN")
+    assert not ckpt_file(tmp_path, 0).exists()
+
+
+def test_cli_exit_code_and_single_line(tmp_path):
+    proc = run_cli(["run.py", "--data_root", str(tmp_path), "--dataset", "vaihingen", "--task", "4-1", "--step", "3"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_torchrun_two_processes_gloo_matches_single_process_test(data_root, tmp_path):
+    args = run_args(data_root, tmp_path, 0, extra=["--norm_act", "iabn_sync", "--batch_size", "2"])
+    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "run.py", *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    distributed = json.load(open(tmp_path / "results" / "vaihingen_4-1_FT.json"))["steps"]["0"]
+    single = run.main(run_args(data_root, tmp_path, 0, extra=["--test", "--norm_act", "iabn_sync",
+                                                              "--name", "single", "--ckpt",
+                                                              str(ckpt_file(tmp_path, 0))]))
+    assert distributed["confusion"] == single["confusion"]
+    assert sum(map(sum, single["confusion"])) > 0
+
+
+def test_torch_distributed_launch_with_local_rank(chained, tmp_path):
+    out, _, res1 = chained
+    args = run_args(data_root_of(out), out, 1, extra=["--test", "--name", "FT", "--results_dir", str(tmp_path)])
+    proc = run_cli(["-m", "torch.distributed.launch", "--nproc_per_node=1", "--master_port=29518", "run.py", *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launched = json.load(open(tmp_path / "vaihingen_4-1_FT.json"))["steps"]["1"]
+    assert launched["confusion"] == res1["confusion"]

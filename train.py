@@ -1,0 +1,153 @@
+"""The Trainer: epoch loop with a per-iteration schedule, AMP, DDP, validation and testing.
+It only calls the Method's hooks and knows no method by name."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from utils.distributed import all_reduce_sum
+from utils.errors import UserError
+from utils.metrics import SegmentationMetrics
+
+# --opt_level -> (autocast dtype or None, use a GradScaler)
+AMP_LEVELS = {"O0": (None, False), "O1": (torch.float16, True), "O2": (torch.bfloat16, False)}
+
+
+class Trainer:
+    def __init__(self, model, old_model, method, optimizer, scheduler, opts, dist, logger):
+        self.model = model  # possibly DDP-wrapped: used for training forwards
+        self.module = model.module if hasattr(model, "module") else model  # for evaluation and state
+        self.old_model = old_model
+        self.method = method
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.opts = opts
+        self.dist = dist
+        self.device = dist.device
+        self.logger = logger
+        self.amp_dtype, use_scaler = AMP_LEVELS[opts.opt_level]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.iteration = 0
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _set_train_mode(self):
+        self.model.train()
+        if self.opts.fix_bn:
+            self.module.fix_bn()
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self, loader, epoch: int) -> dict[str, float]:
+        """One epoch; returns the mean of every loss term over the epoch (averaged across ranks)."""
+        self._set_train_mode()
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        epoch_sums: dict[str, torch.Tensor] = {}
+        window_sums: dict[str, torch.Tensor] = {}
+        window = 0
+        n_iters = len(loader) if not self.opts.debug else min(len(loader), 2)
+        bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{self.opts.epochs}", disable=self.dist.rank != 0,
+                   leave=False, dynamic_ncols=True, mininterval=2.0)
+        start = time.time()
+        try:
+            for i, (images, labels) in enumerate(loader):
+                if i >= n_iters:
+                    break
+                terms = self._train_iteration(images, labels)
+                for sums in (epoch_sums, window_sums):
+                    for key, value in terms.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                window += 1
+                bar.update(1)
+                if window == self.opts.print_interval or i == n_iters - 1:
+                    means = self._reduce_means(window_sums, window)
+                    self._check_finite(means, epoch, i)
+                    bar.set_postfix(loss=f"{means['total']:.4f}")
+                    self.logger.add_scalars(means, self.iteration, prefix="train/")
+                    self.logger.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.iteration)
+                    window_sums, window = {}, 0
+        finally:
+            bar.close()  # before any error line, so it prints alone
+        means = self._reduce_means(epoch_sums, max(n_iters, 1))
+        self.logger.info(
+            f"epoch {epoch + 1}/{self.opts.epochs}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+            + f" ({time.time() - start:.1f}s, lr {self.optimizer.param_groups[0]['lr']:.2e})"
+        )
+        return means
+
+    def _train_iteration(self, images, labels) -> dict[str, torch.Tensor]:
+        """Forward, backward, the method's gradient hooks and one optimiser/schedule step.
+        Returns the detached loss terms (and the method's logged values) without a host sync."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with self._autocast():
+            terms = self.method.training_losses(self.model, self.old_model, images, labels)
+        loss = torch.stack([t.float() for t in terms.values()]).sum()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # the method's gradient hooks see true gradients
+        logged = self.method.before_step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step()
+        self.scheduler.step()
+        self.iteration += 1
+
+        terms = {k: v.detach().float() for k, v in terms.items()}
+        terms["total"] = loss.detach()
+        for key, value in logged.items():
+            terms[key] = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        return terms
+
+    def _reduce_means(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """Average the accumulated loss terms over iterations and ranks (one collective)."""
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        stacked = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in keys])
+        stacked = all_reduce_sum(stacked) / (count * self.dist.world_size)
+        return dict(zip(keys, stacked.tolist()))
+
+    @staticmethod
+    def _check_finite(means: dict[str, float], epoch: int, iteration: int):
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise UserError(
+                f"loss term(s) {', '.join(bad)} became NaN/inf at epoch {epoch + 1}, iteration {iteration + 1}; "
+                f"lower --lr, check the data, or use --opt_level O0 (no checkpoint was written)"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, loader, num_classes: int, sample_num: int = 0):
+        """Confusion matrix over `num_classes` on the loader (each sample counted once over all ranks).
+        Returns (metrics, samples) where samples = (images, labels, preds) of the first `sample_num` crops."""
+        self.module.eval()
+        metrics = SegmentationMetrics(num_classes, device=self.device)
+        samples = []
+        n_batches = len(loader) if not self.opts.debug else min(len(loader), 2)
+        for i, (images, labels) in enumerate(loader):
+            if i >= n_batches:
+                break
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits, _ = self.module(images)
+            preds = logits.argmax(dim=1)
+            metrics.update(preds, labels)
+            if sum(len(s[0]) for s in samples) < sample_num:
+                samples.append((images.cpu(), labels.cpu(), preds.cpu()))
+        metrics.synchronize()
+        self._set_train_mode()
+        if samples:
+            samples = [torch.cat(parts)[:sample_num] for parts in zip(*samples)]
+        return metrics, samples
