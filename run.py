@@ -93,13 +93,24 @@ def previous_checkpoint(opts) -> tuple[str, dict]:
     path = opts.step_ckpt or checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, opts.overlap,
                                              opts.name, opts.step - 1)
     if not os.path.isfile(path):
-        argv = [a for a in sys.argv[1:] if not a.startswith("--step")]
-        raise UserError(
-            f"step {opts.step - 1} checkpoint {path} not found; train it first "
-            f"(python run.py {' '.join(shlex.quote(a) for a in argv)} --step {opts.step - 1} "
-            f"--lr {0.01 if opts.step == 1 else 0.001}) or pass --step_ckpt"
-        )
+        argv = _drop_options(opts.command_line, ("--step", "--lr"))
+        previous = ["--step", str(opts.step - 1), "--lr", "0.01" if opts.step == 1 else "0.001"]
+        raise UserError(f"step {opts.step - 1} checkpoint {path} not found; train it first "
+                        f"(python run.py {shlex.join(argv + previous)}) or pass --step_ckpt")
     return path, load_checkpoint(path)
+
+
+def _drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """The command line without the given options and their values."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not arg.startswith(tuple(n + "=" for n in names)):
+            kept.append(arg)
+    return kept
 
 
 def test_and_report(trainer, opts, test_loader, classes, logger, meta) -> dict:
@@ -122,7 +133,9 @@ def test_and_report(trainer, opts, test_loader, classes, logger, meta) -> dict:
 
 @exit_on_user_error
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_args(argv)
+    opts.command_line = argv
     dist = init_distributed(opts.local_rank)
     try:
         return run_step(opts, dist)

@@ -53,8 +53,8 @@ class Trainer:
         window_sums: dict[str, torch.Tensor] = {}
         window = 0
         n_iters = len(loader) if not self.opts.debug else min(len(loader), 2)
-        bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{self.opts.epochs}", disable=self.dist.rank != 0,
-                   leave=False, dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{self.opts.epochs}", disable=True if self.dist.rank != 0 else None,
+                   leave=False, dynamic_ncols=True, mininterval=2.0)  # None: only on a terminal
         start = time.time()
         try:
             for i, (images, labels) in enumerate(loader):

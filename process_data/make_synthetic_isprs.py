@@ -59,7 +59,7 @@ CLUTTER_COLOURS = np.array([[122, 96, 70, 112],   # bare soil (close to brown ro
 # Per-dataset look: Vaihingen = small detached houses and many trees at 9 cm; Potsdam = larger
 # blocks at 5 cm (objects bigger in pixels), more clutter and fewer trees.
 STYLES = {
-    "vaihingen": dict(scale=1.0, road_spacing=(100, 160), road_width=(12, 22), building_frac=(0.22, 0.30),
+    "vaihingen": dict(scale=2.0, road_spacing=(100, 160), road_width=(12, 22), building_frac=(0.22, 0.30),
                       building_size=(11, 30), tree_frac=(0.19, 0.26), clutter_frac=0.018,
                       yard_frac=0.09, car_frac=0.024, erosion=1, tile_size=480, n_train=6, n_test=4),
     "potsdam": dict(scale=1.3, road_spacing=(120, 190), road_width=(12, 22), building_frac=(0.23, 0.30),
@@ -421,9 +421,9 @@ def _select_tiles(layout, n_train, n_test):
     return [("train", t) for t in train[:n_train]] + [("test", t) for t in layout.test_tiles[:n_test]]
 
 
-def _write_folders(dataset, root, seed, tile_size, n_train, n_test):
+def _write_folders(dataset, root, seed, tile_size, n_train, n_test, object_scale=None):
     layout = VAIHINGEN if dataset == "vaihingen" else POTSDAM
-    style = STYLES[dataset]
+    style = dict(STYLES[dataset], **({"scale": object_scale} if object_scale else {}))
     tile_size = tile_size or style["tile_size"]
     n_train, n_test = n_train or style["n_train"], n_test or style["n_test"]
     tiles = _select_tiles(layout, n_train, n_test)
@@ -474,7 +474,7 @@ def _write_zips(layout, staged, dst):
     return [dst / f"{layout.image_archive}.zip"]
 
 
-def generate(dataset, dst, seed=0, tile_size=None, n_train=None, n_test=None, zip=False,
+def generate(dataset, dst, seed=0, tile_size=None, n_train=None, n_test=None, object_scale=None, zip=False,
              keep_folders=False):
     """Write the synthetic raw archives of one dataset ('vaihingen' or 'potsdam') under `dst`.
 
@@ -494,13 +494,13 @@ def generate(dataset, dst, seed=0, tile_size=None, n_train=None, n_test=None, zi
     except OSError as err:
         raise UserError(f"cannot create --dst {dst} ({err.strerror}); choose a writable folder") from None
     if not zip or keep_folders:
-        layout, tiles = _write_folders(dataset, dst, seed, tile_size, n_train, n_test)
+        layout, tiles = _write_folders(dataset, dst, seed, tile_size, n_train, n_test, object_scale)
         paths = [dst]
         if zip:
             paths = _write_zips(layout, dst, dst)
         return {"tiles": tiles, "paths": paths}
     with tempfile.TemporaryDirectory(dir=dst, prefix=".staging_") as staging:
-        layout, tiles = _write_folders(dataset, Path(staging), seed, tile_size, n_train, n_test)
+        layout, tiles = _write_folders(dataset, Path(staging), seed, tile_size, n_train, n_test, object_scale)
         paths = _write_zips(layout, Path(staging), dst)
     return {"tiles": tiles, "paths": paths}
 
@@ -516,6 +516,9 @@ def main(argv=None):
                              "Potsdam 600, square)")
     parser.add_argument("--n_train", type=int, default=None, help="train tiles (default 6 / 4)")
     parser.add_argument("--n_test", type=int, default=None, help="test tiles (default 4 / 2)")
+    parser.add_argument("--object_scale", type=float, default=None,
+                        help="size of objects (roads, buildings, trees, cars) relative to the default look "
+                             "(default 2.0 Vaihingen, 1.3 Potsdam); smaller suits tiny tiles")
     parser.add_argument("--zip", action="store_true", help="write the zip archives instead of folders")
     parser.add_argument("--keep_folders", action="store_true", help="with --zip: write the folders too")
     args = parser.parse_args(argv)
@@ -523,7 +526,7 @@ def main(argv=None):
     for dataset in datasets:
         start = time.time()
         result = generate(dataset, args.dst, seed=args.seed, tile_size=args.tile_size,
-                          n_train=args.n_train, n_test=args.n_test, zip=args.zip,
+                          n_train=args.n_train, n_test=args.n_test, object_scale=args.object_scale, zip=args.zip,
                           keep_folders=args.keep_folders)
         tiles = result["tiles"]
         print(f"{dataset}: {sum(s == 'train' for s, _ in tiles)} train + "

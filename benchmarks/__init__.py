@@ -1,0 +1,1 @@
+"""Speed, memory and result measurements (not part of the test suite)."""
