@@ -116,7 +116,6 @@ def _drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def test_and_report(trainer, opts, test_loader, classes, logger, meta) -> dict:
     """Final test on every test crop (all seen classes) -> console, TensorBoard, results CSV/JSON."""
     seen = tasks.get_order(opts.dataset, opts.task)[: sum(classes)]
-    labels_new, labels_old = tasks.get_task_labels(opts.dataset, opts.task, opts.step)
     metrics, samples = trainer.evaluate(test_loader, num_classes=len(seen), sample_num=opts.sample_num)
     step0 = tasks.get_task_labels(opts.dataset, opts.task, 0)[0]
     results = metrics.results(old_classes=step0, new_classes=[c for c in seen if c not in step0])

@@ -52,8 +52,10 @@ class Method:
     # ---------------------------------------------------------------- model set-up
     @property
     def uses_old_model(self) -> bool:
-        """Whether the frozen model of step t-1 must be run during training."""
-        return self.step > 0
+        """Whether the frozen model of step t-1 must be run during training (not for FT or a
+        regulariser alone: they would pay a forward pass for nothing)."""
+        opts = self.opts
+        return self.step > 0 and (opts.loss_kd > 0 or opts.loss_de > 0 or opts.icarl or opts.cd_factor_icl > 0)
 
     def init_new_model(self, model) -> None:
         """Called once after the step t-1 weights were loaded into the new model (t > 0)."""

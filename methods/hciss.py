@@ -69,6 +69,10 @@ class HCISS(Method):
     )
     presets = {"loss_kd": 10.0, "unkd": True, "unce": False, "init_balanced": True}
 
+    @property
+    def uses_old_model(self) -> bool:
+        return self.step > 0  # its own terms read the old model, whatever the KD weight
+
     @classmethod
     def add_arguments(cls, parser) -> None:
         if "--hciss_threshold" in parser._option_string_actions:  # already added (e.g. by a subclass)

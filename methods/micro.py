@@ -175,6 +175,10 @@ class MiCro(Method):
     )
     presets = dict(MiB.presets)
 
+    @property
+    def uses_old_model(self) -> bool:
+        return self.step > 0  # its own terms read the old model, whatever the KD weight
+
     @classmethod
     def add_arguments(cls, parser) -> None:
         if "--micro_pool" in parser._option_string_actions:  # already added (e.g. by a subclass)
