@@ -184,8 +184,17 @@ NORM_LAYER_TYPES = (nn.modules.batchnorm._BatchNorm, ABN)
 
 if HAS_INPLACE_ABN:
 
+    def _kernel_dtype(x):
+        """inplace_abn's compiled kernels take fp32 (and fp16 on CUDA): under autocast, feed them
+        fp32 instead of a dtype they lack; the next convolution casts back to low precision."""
+        supported = (torch.float32, torch.float64) + ((torch.float16,) if x.is_cuda else ())
+        return x if x.dtype in supported else x.float()
+
     class InPlaceABN(_FillNumBatchesTracked, _inplace_abn.InPlaceABN):
         """inplace_abn.InPlaceABN that also loads checkpoints lacking num_batches_tracked."""
+
+        def forward(self, x):
+            return super().forward(_kernel_dtype(x))
 
     class InPlaceABNSync(_FillNumBatchesTracked, _inplace_abn.InPlaceABNSync):
         """inplace_abn.InPlaceABNSync that also loads checkpoints lacking num_batches_tracked.
@@ -195,6 +204,7 @@ if HAS_INPLACE_ABN:
         """
 
         def forward(self, x):
+            x = _kernel_dtype(x)
             native = x.is_cuda and hasattr(_inplace_abn._backend, "reduce_statistics")
             if not self.training or native or self.group is None:
                 return super().forward(x)

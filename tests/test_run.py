@@ -155,3 +155,26 @@ def test_torch_distributed_launch_with_local_rank(chained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     launched = json.load(open(tmp_path / "vaihingen_4-1_FT.json"))["steps"]["1"]
     assert launched["confusion"] == res1["confusion"]
+
+
+def test_corrupt_image_in_a_worker_is_one_line(data_root, tmp_path, capsys):
+    """A damaged crop read inside a DataLoader worker process still ends in one clear line."""
+    import shutil
+
+    broken = tmp_path / "data"
+    shutil.copytree(data_root / "vaihingen", broken / "vaihingen")
+    for image in (broken / "vaihingen" / "train" / "images").glob("*.png"):
+        image.write_bytes(b"not a png")
+    argv = run_args(broken, tmp_path, 0, extra=["--num_workers", "1"])
+    assert_user_error(capsys, argv, "cannot read", "damaged")
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_mixed_precision_levels_train_and_test(level, data_root, tmp_path):
+    """fp16 + GradScaler and bf16 autocast run a MiB step 1 with finite losses (on CPU here)."""
+    extra = ["--opt_level", level, "--debug", "--method", "MiB"]
+    run.main(run_args(data_root, tmp_path, 0, extra=extra))
+    res = run.main(run_args(data_root, tmp_path, 1, extra=extra))
+    assert res["miou_all"] is not None
+    ckpt = torch.load(tmp_path / "ckpt" / "step" / "4-1-vaihingen_MiB_1.pth", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

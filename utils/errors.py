@@ -15,7 +15,16 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper
+
+
+def one_line(err: UserError) -> str:
+    """The user's message; a UserError re-raised from a DataLoader worker carries the worker's traceback
+    text, of which only the last line (our message) is kept."""
+    message = str(err).strip()
+    if "Traceback" in message:
+        message = message.splitlines()[-1].split("UserError: ", 1)[-1]
+    return message
