@@ -178,3 +178,31 @@ def test_mixed_precision_levels_train_and_test(level, data_root, tmp_path):
     assert res["miou_all"] is not None
     ckpt = torch.load(tmp_path / "ckpt" / "step" / "4-1-vaihingen_MiB_1.pth", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_overlap_writes_ov_names(data_root, tmp_path):
+    run.main(run_args(data_root, tmp_path, 0, extra=["--overlap", "--debug"]))
+    assert (tmp_path / "ckpt" / "step" / "4-1-vaihingen-ov_FT_0.pth").is_file()
+    assert (tmp_path / "results" / "vaihingen_4-1-ov_FT.csv").is_file()
+    assert (tmp_path / "logs" / "4-1-vaihingen-ov" / "FT" / "step0" / "log.txt").is_file()
+
+
+def test_freeze_and_fix_bn_keep_the_feature_extractor(data_root, tmp_path):
+    """--freeze trains only classifiers at t > 0; --fix_bn keeps normalisation statistics."""
+    run.main(run_args(data_root, tmp_path, 0, extra=["--debug"]))
+    run.main(run_args(data_root, tmp_path, 1, extra=["--debug", "--freeze", "--fix_bn"]))
+    before = torch.load(ckpt_file(tmp_path, 0), weights_only=False)["model"]
+    after = torch.load(ckpt_file(tmp_path, 1), weights_only=False)["model"]
+    for key, value in before.items():
+        if key.startswith(("body.", "head.")):
+            assert torch.equal(value, after[key]), key  # weights and running statistics alike
+    assert not torch.equal(before["cls.0.weight"], after["cls.0.weight"])
+
+
+def test_cross_val_holds_out_a_fifth_of_the_step_crops(data_root, tmp_path):
+    run.main(run_args(data_root, tmp_path, 0, extra=["--debug", "--cross_val"]))
+    log = (tmp_path / "logs" / "4-1-vaihingen" / "FT" / "step0" / "log.txt").read_text()
+    import re
+
+    train, val = map(int, re.search(r"(\d+) training crops, (\d+) validation", log).groups())
+    assert val == round(0.2 * (train + val)) and val > 0
