@@ -144,6 +144,8 @@ def main(argv=None) -> dict:
 
 def run_step(opts, dist) -> dict:
     seed_everything(opts.random_seed)
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick the fastest kernels
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
     meta = load_meta(opts.data_root, opts.dataset)
     logdir = os.path.join(opts.logdir, task_tag(opts), opts.name, f"step{opts.step}")
