@@ -117,14 +117,16 @@ class Trainer:
         stacked = all_reduce_sum(stacked) / (count * self.dist.world_size)
         return dict(zip(keys, stacked.tolist()))
 
-    @staticmethod
-    def _check_finite(means: dict[str, float], epoch: int, iteration: int):
+    def _check_finite(self, means: dict[str, float], epoch: int, iteration: int):
         bad = [k for k, v in means.items() if not math.isfinite(v)]
-        if bad:
-            raise UserError(
-                f"loss term(s) {', '.join(bad)} became NaN/inf at epoch {epoch + 1}, iteration {iteration + 1}; "
-                f"lower --lr, check the data, or use --opt_level O0 (no checkpoint was written)"
-            )
+        if not bad:
+            return
+        hint = "lower --lr, check the data, or use --opt_level O0"
+        if "reg_penalty" in means:  # the penalty's curvature 2·λ·Ω makes SGD unstable when lr·2λ is large
+            hint = (f"lower --lr or --reg_importance (with momentum 0.9 SGD needs lr·2·reg_importance < 3.8; "
+                    f"here {self.opts.lr:g}·2·{self.opts.reg_importance:g})")
+        raise UserError(f"loss term(s) {', '.join(bad)} became NaN/inf at epoch {epoch + 1}, iteration "
+                        f"{iteration + 1}; {hint} (no checkpoint was written)")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

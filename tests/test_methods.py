@@ -128,3 +128,14 @@ def test_two_rank_gloo_regulariser_state_is_identical(name, tmp_path):
     first, second = torch.load(out)
     assert first.numel() > 0 and torch.count_nonzero(first) > 0
     assert torch.equal(first, second)
+
+
+def test_unstable_regulariser_ends_in_a_clear_hint(data_root, tmp_path, capsys):
+    """lr·2·reg_importance far above SGD's stability limit diverges: one line naming the cause."""
+    run.main(args(data_root, tmp_path, "EWC", 0))
+    with pytest.raises(SystemExit) as exc:
+        run.main(args(data_root, tmp_path, "EWC", 1, extra=["--lr", "1", "--reg_importance", "500", "--epochs", "5"]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--reg_importance" in err and "1·2·500" in err
+    assert not (tmp_path / "ckpt" / "step" / "4-1-vaihingen_EWC_1.pth").exists()
