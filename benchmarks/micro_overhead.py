@@ -46,13 +46,7 @@ def bench_args(argv):
 def run_opts(rest, method_cls):
     """run.py's options (paper defaults, then the user's) with the method's presets where the user did
     not give the flag."""
-    opts = argparser.build_parser().parse_args(PAPER_DEFAULTS + list(rest) + ["--no_pretrained"])
-    opts.method = method_cls.name
-    given = {token[2:].split("=")[0].replace("-", "_") for token in rest if token.startswith("--")}
-    for key, value in method_cls.presets.items():
-        if key not in given:
-            setattr(opts, key, value)
-    return opts
+    return argparser.parse_args(PAPER_DEFAULTS + list(rest) + ["--no_pretrained", "--method", method_cls.name])
 
 
 def timer(device, warmup, iters):
