@@ -70,27 +70,23 @@ def test_chain_writes_checkpoints_logs_and_results(chained):
     assert set(saved["steps"]) == {"0", "1"}
 
 
-def test_test_mode_reproduces_final_numbers_and_replaces_row(chained, capsys):
+def test_test_mode_reproduces_final_numbers_and_replaces_row(chained, data_root, capsys):
     out, _, res1 = chained
-    again = run.main(run_args(data_root_of(out), out, 1, extra=["--test"]))
+    again = run.main(run_args(data_root, out, 1, extra=["--test"]))
     for key in ("iou", "miou_old", "miou_new", "miou_all", "overall_acc", "confusion"):
         assert again[key] == res1[key], key
     rows = list(csv.DictReader(open(out / "results" / "vaihingen_4-1_FT.csv")))
     assert [r["step"] for r in rows] == ["0", "1"]
 
 
-def data_root_of(out):
-    return Path(json.load(open(out / "results" / "vaihingen_4-1_FT.json"))["steps"]["0"]["options"]["data_root"])
-
-
-def test_test_mode_evaluates_the_saved_model_not_a_fresh_one(chained):
+def test_test_mode_evaluates_the_saved_model_not_a_fresh_one(chained, data_root):
     """--test with a checkpoint whose weights were perturbed must give different numbers."""
     out, _, res1 = chained
     ckpt = torch.load(ckpt_file(out, 1), map_location="cpu", weights_only=False)
     ckpt["model"] = {k: (torch.zeros_like(v) if k.startswith("cls.") else v) for k, v in ckpt["model"].items()}
     zeroed = out / "zeroed.pth"
     torch.save(ckpt, zeroed)
-    res = run.main(run_args(data_root_of(out), out, 1, extra=["--test", "--ckpt", str(zeroed), "--name", "zeroed"]))
+    res = run.main(run_args(data_root, out, 1, extra=["--test", "--ckpt", str(zeroed), "--name", "zeroed"]))
     # zero classifiers predict class 0 everywhere: only background can have a non-zero IoU
     assert all(v in (None, 0.0) for v in res["iou"][1:])
     assert res["iou"] != res1["iou"]
@@ -105,15 +101,15 @@ def test_test_without_checkpoint(data_root, tmp_path, capsys):
     assert_user_error(capsys, run_args(data_root, tmp_path, 0, extra=["--test"]), "--test", "not found")
 
 
-def test_checkpoint_with_wrong_classes(chained, capsys):
+def test_checkpoint_with_wrong_classes(chained, data_root, capsys):
     out, _, _ = chained
-    argv = run_args(data_root_of(out), out, 1, extra=["--test", "--ckpt", str(ckpt_file(out, 0))])
+    argv = run_args(data_root, out, 1, extra=["--test", "--ckpt", str(ckpt_file(out, 0))])
     assert_user_error(capsys, argv, "classes per step [5]", "[5, 1]")
 
 
-def test_step_ckpt_of_another_task_is_rejected(chained, capsys):
+def test_step_ckpt_of_another_task_is_rejected(chained, data_root, capsys):
     out, _, _ = chained
-    argv = run_args(data_root_of(out), out, 1, task="2-1s", extra=["--step_ckpt", str(ckpt_file(out, 0))])
+    argv = run_args(data_root, out, 1, task="2-1s", extra=["--step_ckpt", str(ckpt_file(out, 0))])
     assert_user_error(capsys, argv, "classes per step [5]")
 
 
@@ -148,9 +144,9 @@ def test_torchrun_two_processes_gloo_matches_single_process_test(data_root, tmp_
     assert sum(map(sum, single["confusion"])) > 0
 
 
-def test_torch_distributed_launch_with_local_rank(chained, tmp_path):
+def test_torch_distributed_launch_with_local_rank(chained, data_root, tmp_path):
     out, _, res1 = chained
-    args = run_args(data_root_of(out), out, 1, extra=["--test", "--name", "FT", "--results_dir", str(tmp_path)])
+    args = run_args(data_root, out, 1, extra=["--test", "--name", "FT", "--results_dir", str(tmp_path)])
     proc = run_cli(["-m", "torch.distributed.launch", "--nproc_per_node=1", "--master_port=29518", "run.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     launched = json.load(open(tmp_path / "vaihingen_4-1_FT.json"))["steps"]["1"]
