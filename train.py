@@ -9,7 +9,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from utils.distributed import all_reduce_sum
+from utils.distributed import all_reduce_sum, broadcast_buffers
 from utils.errors import UserError
 from utils.metrics import SegmentationMetrics
 
@@ -134,6 +134,7 @@ class Trainer:
         """Confusion matrix over `num_classes` on the loader (each sample counted once over all ranks).
         Returns (metrics, samples) where samples = (images, labels, preds) of the first `sample_num` crops."""
         self.module.eval()
+        broadcast_buffers(self.module)  # every rank tests the model rank 0 saves
         metrics = SegmentationMetrics(num_classes, device=self.device)
         samples = []
         n_batches = len(loader) if not self.opts.debug else min(len(loader), 2)

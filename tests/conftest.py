@@ -1,4 +1,6 @@
 """Shared fixtures: small synthetic ISPRS raw archives and their processed crops (session scoped)."""
+import socket
+
 import numpy as np
 import pytest
 
@@ -32,6 +34,14 @@ def data_root(raw_root, tmp_path_factory):
         process_dataset(layout, raw_root, root, crop_size=FIXTURE_CROP, stride=FIXTURE_CROP,
                         seed=42, progress=False)
     return root
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's own process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def assert_every_split_nonempty(root, dataset):

@@ -1,7 +1,6 @@
 """Every registered method trains steps 0 and 1 end to end; method state travels between steps and is
 identical on every rank."""
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import methods.base
 import run
 from methods import METHODS
 from methods.regularizers import make_regularizer
+from utils.distributed import cleanup
 
 TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "64", "--batch_size", "4", "--epochs", "1",
         "--num_workers", "0", "--norm_act", "iabn", "--debug"]
@@ -88,12 +88,6 @@ def test_regulariser_needs_step0_of_the_same_method(data_root, tmp_path, capsys)
 
 
 # ---------------------------------------------------------------- 2-process gloo: identical state on both ranks
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _regulariser_worker(rank, world, port, name, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -118,13 +112,14 @@ def _regulariser_worker(rank, world, port, name, out):
     dist.all_gather(gathered, flat)
     if rank == 0:
         torch.save(gathered, out)
-    dist.destroy_process_group()
+    del ddp  # before the process group goes: see utils.distributed.cleanup
+    cleanup()
 
 
 @pytest.mark.parametrize("name", ["ewc", "pi", "rw"])
-def test_two_rank_gloo_regulariser_state_is_identical(name, tmp_path):
+def test_two_rank_gloo_regulariser_state_is_identical(name, tmp_path, free_port):
     out = tmp_path / "gathered.pt"
-    mp.spawn(_regulariser_worker, args=(2, _free_port(), name, str(out)), nprocs=2, join=True)
+    mp.spawn(_regulariser_worker, args=(2, free_port, name, str(out)), nprocs=2, join=True)
     first, second = torch.load(out)
     assert first.numel() > 0 and torch.count_nonzero(first) > 0
     assert torch.equal(first, second)

@@ -1,6 +1,5 @@
 """SegmentationMetrics against hand-computed confusion matrices, and its sum over a real 2-process gloo group."""
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -123,14 +122,8 @@ def _sync_worker(rank, world_size, port, out_dir):
         distributed.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_synchronize_sums_over_two_gloo_processes(tmp_path):
-    mp.spawn(_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_synchronize_sums_over_two_gloo_processes(tmp_path, free_port):
+    mp.spawn(_sync_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     expected = np.array(EXPECTED_CONFUSION)
     expected[2, 3] += 6
     for rank in range(2):

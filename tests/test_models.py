@@ -1,7 +1,6 @@
 """Backbones, norm_act implementations, pretrained loading/conversion, DeepLabV3 head, incremental model."""
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -322,12 +321,6 @@ def test_checkpoints_load_across_implementations(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- DDP sync
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _sync_worker(rank, world_size, port, out_dir):
     import torch.distributed as dist
 
@@ -353,8 +346,8 @@ def _sync_worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_iabn_sync_really_synchronises_over_two_processes(tmp_path):
-    mp.spawn(_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_iabn_sync_really_synchronises_over_two_processes(tmp_path, free_port):
+    mp.spawn(_sync_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     x = (torch.randn(4, 5, 3, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1).requires_grad_()
     single = randomise_norm_layers(norm_act_factory("iabn", pure=True)(5), seed=5)
     out = single(x)

@@ -132,9 +132,14 @@ def test_cli_exit_code_and_single_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_torchrun_two_processes_gloo_matches_single_process_test(data_root, tmp_path):
+def torchrun(port, args, nproc=2):
+    return run_cli(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "run.py",
+                    *args])
+
+
+def test_torchrun_two_processes_gloo_matches_single_process_test(data_root, tmp_path, free_port):
     args = run_args(data_root, tmp_path, 0, extra=["--norm_act", "iabn_sync", "--batch_size", "2"])
-    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "run.py", *args])
+    proc = torchrun(free_port, args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     distributed = json.load(open(tmp_path / "results" / "vaihingen_4-1_FT.json"))["steps"]["0"]
     single = run.main(run_args(data_root, tmp_path, 0, extra=["--test", "--norm_act", "iabn_sync",
@@ -144,10 +149,31 @@ def test_torchrun_two_processes_gloo_matches_single_process_test(data_root, tmp_
     assert sum(map(sum, single["confusion"])) > 0
 
 
-def test_torch_distributed_launch_with_local_rank(chained, data_root, tmp_path):
+@pytest.mark.parametrize("method, terms", [("MiCro", {"cfrd", "contrast", "region"}), ("HCISS", {"fgp"}),
+                                           ("MiB-CD", {"cd", "cd_icl"})])
+def test_torchrun_two_processes_step1_of_remote_sensing_methods(method, terms, chained, data_root, tmp_path,
+                                                               free_port):
+    """Step 1 of each cross-image / invariance method under 2-process DDP from a shared step 0."""
+    out, _, _ = chained
+    args = run_args(data_root, tmp_path, 1, method, extra=["--step_ckpt", str(ckpt_file(out, 0)),
+                                                           "--batch_size", "2", "--print_interval", "1"])
+    proc = torchrun(free_port, args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "logs" / "4-1-vaihingen" / method / "step1" / "log.txt").read_text()
+    epoch_line = next(line for line in log.splitlines() if "epoch 1/1:" in line)
+    logged = dict(item.rsplit(" ", 1) for item in epoch_line.split(": ", 1)[1].split(" (")[0].split(", "))
+    assert terms <= set(logged) and all(float(logged[t]) > 0 for t in terms), epoch_line
+    distributed = json.load(open(tmp_path / "results" / f"vaihingen_4-1_{method}.json"))["steps"]["1"]
+    single = run.main(run_args(data_root, tmp_path, 1, method, extra=["--test", "--name", "single", "--ckpt",
+                                                                      str(ckpt_file(tmp_path, 1, method))]))
+    assert distributed["confusion"] == single["confusion"]
+
+
+def test_torch_distributed_launch_with_local_rank(chained, data_root, tmp_path, free_port):
     out, _, res1 = chained
     args = run_args(data_root, out, 1, extra=["--test", "--name", "FT", "--results_dir", str(tmp_path)])
-    proc = run_cli(["-m", "torch.distributed.launch", "--nproc_per_node=1", "--master_port=29518", "run.py", *args])
+    proc = run_cli(["-m", "torch.distributed.launch", "--nproc_per_node=1", f"--master_port={free_port}", "run.py",
+                    *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     launched = json.load(open(tmp_path / "vaihingen_4-1_FT.json"))["steps"]["1"]
     assert launched["confusion"] == res1["confusion"]

@@ -1,6 +1,7 @@
 """Process-group set-up for torchrun, torch.distributed.launch and plain `python run.py`."""
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -121,8 +122,25 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers (BN running statistics; a no-op in a single process).
+
+    Without synchronised BN each rank's last training forward leaves its own running statistics;
+    evaluating with rank 0's makes every rank test the model that rank 0 saves.
+    """
+    if not _initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)
+
+
 def cleanup() -> None:
+    """Destroy the process group; call it once the models wrapped in DDP are no longer referenced."""
     if _initialized():
+        # DDP wrappers sit in reference cycles, which keep the process group alive past this call.
+        # Collect them first so that gloo's worker threads are joined here: left running until
+        # interpreter exit, a thread releasing its last work object aborts the process (SIGABRT).
+        gc.collect()
         dist.destroy_process_group()
 
 
