@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -99,7 +100,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # GradScaler skips optimizer.step() on overflowing iterations (O1), which torch flags as a wrong
+            # call order; the per-iteration poly schedule must advance all the same.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         self.iteration += 1
 
         terms = {k: v.detach().float() for k, v in terms.items()}
