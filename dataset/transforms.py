@@ -56,7 +56,12 @@ class Normalize:
         return (image - mean) / std, label
 
 
-class RandomHorizontalFlip:
+class _RandomFlip:
+    """Flip image and label together with probability p: numpy H x W (x C) or torch (C x) H x W."""
+
+    numpy_axis: int
+    torch_dim: int
+
     def __init__(self, p=0.5):
         self.p = p
 
@@ -64,20 +69,16 @@ class RandomHorizontalFlip:
         if not _coin(self.p):
             return image, label
         if isinstance(image, np.ndarray):
-            return image[:, ::-1], label[:, ::-1]
-        return image.flip(-1), label.flip(-1)
+            return np.flip(image, self.numpy_axis), np.flip(label, self.numpy_axis)
+        return image.flip(self.torch_dim), label.flip(self.torch_dim)
 
 
-class RandomVerticalFlip:
-    def __init__(self, p=0.5):
-        self.p = p
+class RandomHorizontalFlip(_RandomFlip):
+    numpy_axis, torch_dim = 1, -1
 
-    def __call__(self, image, label):
-        if not _coin(self.p):
-            return image, label
-        if isinstance(image, np.ndarray):
-            return image[::-1], label[::-1]
-        return image.flip(-2), label.flip(-2)
+
+class RandomVerticalFlip(_RandomFlip):
+    numpy_axis, torch_dim = 0, -2
 
 
 class RandomRotation90:

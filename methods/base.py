@@ -35,6 +35,8 @@ class Method:
     paper = ""
     # option -> value applied when the user did not give the flag explicitly
     presets: dict = {}
+    # True for methods whose own terms read the old model at t > 0, whatever the distillation weights
+    own_terms_read_old_model = False
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -55,7 +57,8 @@ class Method:
         """Whether the frozen model of step t-1 must be run during training (not for FT or a
         regulariser alone: they would pay a forward pass for nothing)."""
         opts = self.opts
-        return self.step > 0 and (opts.loss_kd > 0 or opts.loss_de > 0 or opts.icarl or opts.cd_factor_icl > 0)
+        return self.step > 0 and (self.own_terms_read_old_model or opts.loss_kd > 0 or opts.loss_de > 0
+                                  or opts.icarl or opts.cd_factor_icl > 0)
 
     def init_new_model(self, model) -> None:
         """Called once after the step t-1 weights were loaded into the new model (t > 0)."""

@@ -68,10 +68,7 @@ class HCISS(Method):
         "Sensing Images, IEEE TGRS 2022 (reconstruction: no code published)"
     )
     presets = {"loss_kd": 10.0, "unkd": True, "unce": False, "init_balanced": True}
-
-    @property
-    def uses_old_model(self) -> bool:
-        return self.step > 0  # its own terms read the old model, whatever the KD weight
+    own_terms_read_old_model = True  # their own terms read it at t > 0
 
     @classmethod
     def add_arguments(cls, parser) -> None:

@@ -174,10 +174,7 @@ class MiCro(Method):
         "Semantic Segmentation in Remote Sensing Images, IEEE TGRS 2023 (reconstruction: no code published)"
     )
     presets = dict(MiB.presets)
-
-    @property
-    def uses_old_model(self) -> bool:
-        return self.step > 0  # its own terms read the old model, whatever the KD weight
+    own_terms_read_old_model = True  # their own terms read it at t > 0
 
     @classmethod
     def add_arguments(cls, parser) -> None:
