@@ -32,6 +32,10 @@ class Trainer:
         self.logger = logger
         self.amp_dtype, use_scaler = AMP_LEVELS[opts.opt_level]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        if use_scaler:
+            # GradScaler skips optimizer.step() on overflowing iterations, which torch flags as a wrong call
+            # order; the per-iteration poly schedule must advance all the same.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         self.iteration = 0
 
     def _autocast(self):
@@ -100,11 +104,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step()
-        with warnings.catch_warnings():
-            # GradScaler skips optimizer.step() on overflowing iterations (O1), which torch flags as a wrong
-            # call order; the per-iteration poly schedule must advance all the same.
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            self.scheduler.step()
+        self.scheduler.step()
         self.iteration += 1
 
         terms = {k: v.detach().float() for k, v in terms.items()}
