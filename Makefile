@@ -1,12 +1,13 @@
 # make demo  - synthetic Vaihingen -> processing -> task 4-1 steps 0 and 1 on CPU -> old/new/all table
 # make test  - the pytest suite (CPU, synthetic data)
+# make lint  - ruff check (settings in pyproject.toml)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean-demo
+.PHONY: setup test lint demo clean-demo
 
-$(STAMP): requirements.txt scripts/setup_env.sh
+$(STAMP): requirements.txt pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
 	touch $(STAMP)
 
@@ -14,6 +15,9 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 demo: $(STAMP)
 	PYTHON=$(PY) bash scripts/demo.sh

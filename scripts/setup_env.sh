@@ -34,4 +34,9 @@ fi
 
 # 3. the rest (torch is already satisfied, so no download of it happens here).
 pip_install -r requirements.txt
+
+# 4. the project itself, editable (pyproject.toml): run, methods, dataset, ... import from any folder.
+#    No build isolation: the installed setuptools builds it, nothing is downloaded for the build.
+pip_install "setuptools>=64"
+pip_install --no-deps --no-build-isolation -e .
 echo "[setup] environment ready: $VENV"
