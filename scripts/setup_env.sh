@@ -37,6 +37,6 @@ pip_install -r requirements.txt
 
 # 4. the project itself, editable (pyproject.toml): run, methods, dataset, ... import from any folder.
 #    No build isolation: the installed setuptools builds it, nothing is downloaded for the build.
-pip_install "setuptools>=64"
+pip_install "setuptools>=64" wheel  # setuptools < 70.1 needs wheel to build the editable install
 pip_install --no-deps --no-build-isolation -e .
 echo "[setup] environment ready: $VENV"
