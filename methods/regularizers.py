@@ -193,6 +193,12 @@ class Regularizer:
         """One running-state update from the task gradients `grads` and the parameters' current values."""
         raise NotImplementedError
 
+    @property
+    def _first_update_only_records(self) -> bool:
+        """MiB's order: the first update of a step has no earlier parameters to pair with; it only records
+        them (whatever happened to the parameters between construction and the first iteration)."""
+        return not self.update_after_step and self.iteration == 1
+
     def _running_fisher_update(self, fisher: dict, grads: dict, finite: torch.Tensor) -> None:
         """F ← α g² + (1 − α) F for every parameter that received a gradient."""
         for n, g in grads.items():
@@ -245,7 +251,7 @@ class PI(Regularizer):
 
     Each update: ω += g ⊙ (θ_prev − θ), θ_prev ← θ, with θ the parameters when the update runs (θ_{i-1} in
     MiB's order, θ_i with update_after_step) and θ_prev those of the previous update (the values at
-    construction before the first one, so MiB's first update only records them). The score saved is
+    construction before the first one; in MiB's order the first update only records θ). The score saved is
     s = max(0, ω / ((θ − θ_start)² + 1e-20)) + s° (s° only for parameters that have one).
     θ_start is θ° for old parameters and the value at construction for the others (the initial model at
     step 0, the freshly initialised classifier at t > 0).
@@ -265,9 +271,10 @@ class PI(Regularizer):
         return self._as_importance(self._to_param(self.previous["score"][name], name))
 
     def _update(self, grads, finite):
+        record_only = self._first_update_only_records
         for n, p in self.params.items():
             g = grads[n]
-            if g is not None:
+            if g is not None and not record_only:
                 updated = self.omega_path[n] + g * (self.previous_params[n] - p.detach())
                 self.omega_path[n] = torch.where(finite, updated, self.omega_path[n])
             self.previous_params[n].copy_(p.detach())
@@ -294,7 +301,7 @@ class RW(Regularizer):
     Each update, with θ the parameters when it runs (θ_{i-1} in MiB's order, θ_i with update_after_step):
     at iterations 1, K+1, 2K+1, ... (MiB's order; K, 2K, ... with update_after_step), K = `iterations`,
     first s += g ⊙ (θ_K − θ) / (½ F ⊙ (θ − θ_K)² + 1e-8) with F before this iteration's update, then
-    θ_K ← θ (θ_K starts at the parameters at construction, so MiB's first firing only records them);
+    θ_K ← θ (θ_K starts at the parameters at construction; MiB's first firing only records θ);
     then, every iteration, F ← α g² + (1 − α) F. Saved score: max(s, 0), averaged ½(max(s, 0) + s°) with
     the previous step's score where there is one.
     """
@@ -321,9 +328,10 @@ class RW(Regularizer):
 
     def _update(self, grads, finite):
         if self._fires():
+            record_only = self._first_update_only_records
             for n, p in self.params.items():
                 g, theta = grads[n], p.detach()
-                if g is not None:
+                if g is not None and not record_only:
                     moved = self.checkpoint_params[n] - theta
                     updated = self.walk_score[n] + g * moved / (0.5 * self.fisher[n] * moved.pow(2) + RW_EPS)
                     self.walk_score[n] = torch.where(finite, updated, self.walk_score[n])

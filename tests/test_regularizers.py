@@ -235,6 +235,24 @@ def test_mib_order_updates_before_the_step(name):
     assert first_change == (2 if name == "pi" else 4)
 
 
+@pytest.mark.parametrize("name", ["pi", "rw"])
+def test_mib_order_first_update_only_records_the_parameters(name):
+    """As MiB (no θ_temp before the first iteration): parameters changed between construction and the first
+    iteration (e.g. weights loaded later) add nothing to the path or walk score."""
+    model = TinySegmenter((2,))
+    reg = make_regularizer(name, trainable(model), None, importance=1.0, alpha=ALPHA, iterations=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    records, _ = train(model, reg, 7)
+    start = {n: p.clone() for n, p in records[0][1].items()}
+    want = ref_pi_omega_mib(records) if name == "pi" else ref_rw_raw_score(records, 3)
+    got = reg.omega_path if name == "pi" else reg.walk_score
+    assert_dicts_close(got, want)
+    if name == "pi":  # θ_start stays the value at construction (MiB: the state dict when the trainer is built)
+        assert not torch.equal(reg.start["body.weight"], start["body.weight"])
+
+
 def test_step0_leaves_gradients_alone():
     model = TinySegmenter()
     reg = EWC(trainable(model), None, importance=10.0)
