@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cross_val", action="store_true", default=False,
                    help="validate on 20%% of the step's train crops instead of the test crops")
     g.add_argument("--crop_size", type=int, default=512, help="training crop size")
+    _str2bool_flag(g, "--no_mask", help="at t > 0 old classes keep their labels in the training and validation "
+                                        "labels instead of becoming background (MiB)")
     g.add_argument("--num_workers", type=int, default=1, help="data loader workers per process")
 
     g = parser.add_argument_group("method")
@@ -40,13 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     _str2bool_flag(g, "--unkd", help="unbiased knowledge distillation (MiB)")
     g.add_argument("--alpha", type=float, default=1.0, help="temperature factor on old logits in KD")
     _str2bool_flag(g, "--init_balanced", help="MiB classifier initialisation of new classes")
+    _str2bool_flag(g, "--bce", help="sigmoid/BCE segmentation loss instead of (unbiased) cross-entropy (MiB)")
     _str2bool_flag(g, "--icarl", help="BCE classifier + iCaRL distillation (LWF-MC)")
     g.add_argument("--icarl_importance", type=float, default=1.0, help="weight of iCaRL distillation")
+    _str2bool_flag(g, "--icarl_disjoint", help="with --icarl at t > 0: one BCE whose old-class targets are the old "
+                                               "model's sigmoid outputs, instead of BCE + weighted distillation (MiB)")
+    _str2bool_flag(g, "--icarl_bkg", help="with --icarl_disjoint: the background target comes from the labels, "
+                                          "not from the old model (MiB)")
     g.add_argument("--regularizer", default=None, choices=["ewc", "rw", "pi"], help="parameter regulariser")
     g.add_argument("--reg_importance", type=float, default=1.0, help="regulariser weight (lambda)")
     g.add_argument("--reg_alpha", type=float, default=0.9, help="EWC/RW running Fisher factor")
     _str2bool_flag(g, "--reg_no_normalize", help="do not min-max normalise importance")
     g.add_argument("--reg_iterations", type=int, default=10, help="RW score update period (iterations)")
+    _str2bool_flag(g, "--reg_update_after_step",
+                   help="update PI/RW/EWC state after the optimiser step, pairing each gradient with its own "
+                        "step's change (differs from MiB, which updates before it; see docs/fidelity.md)")
     g.add_argument("--cd_factor", type=float, default=0.0,
                    help="rotation/flip invariance of features (MiB-CD); adds the term to any method")
     g.add_argument("--cd_factor_icl", type=float, default=0.0,
@@ -64,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_power", type=float, default=0.9, help="poly schedule power")
     g.add_argument("--lr_decay_step", type=int, default=5000, help="step policy: iterations per decay")
     g.add_argument("--lr_decay_factor", type=float, default=0.1, help="step policy: decay factor")
-    _str2bool_flag(g, "--freeze", help="at t > 0 train only the classifiers (body and head frozen)")
-    _str2bool_flag(g, "--fix_bn", help="keep normalisation statistics and affine parameters fixed")
+    _str2bool_flag(g, "--freeze", help="leave the backbone body out of the optimiser at every step; head and "
+                                       "classifiers train (MiB)")
+    _str2bool_flag(g, "--fix_bn", help="freeze the normalisation layers' affine parameters; their running "
+                                       "statistics still update in training (MiB)")
+    _str2bool_flag(g, "--fix_bn_strict", help="like --fix_bn, and keep the normalisation layers in eval mode so "
+                                              "their running statistics stay fixed too (not MiB)")
     g.add_argument("--opt_level", default="O0", choices=["O0", "O1", "O2"],
                    help="O0 fp32 (paper); O1 fp16 autocast + GradScaler; O2 bf16 autocast")
     g.add_argument("--random_seed", type=int, default=42)
@@ -77,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_pretrained", "--no-pretrained", dest="no_pretrained", action="store_true", default=False,
                    help="start from random weights instead of ImageNet")
     g.add_argument("--pretrained", default=None, help="ImageNet weights (default pretrained/<backbone>_<norm_act>.pth.tar)")
-    g.add_argument("--pooling_size", type=int, default=None, help="eval-time ASPP pooling size (MiB); default global")
+    g.add_argument("--pooling_size", type=int, default=32,
+                   help="eval-time ASPP image-pooling window (MiB's --pooling); global when the feature map is "
+                        "no larger")
 
     g = parser.add_argument_group("checkpoints, testing and logging")
     _str2bool_flag(g, "--test", help="only test the saved model of --step (or --ckpt)")
@@ -127,4 +143,6 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--{key} must be positive (got {getattr(opts, key)})")
     if opts.lr <= 0:
         raise UserError(f"--lr must be positive (got {opts.lr})")
+    if opts.pooling_size is not None and opts.pooling_size <= 0:
+        raise UserError(f"--pooling_size must be positive (got {opts.pooling_size})")
     return opts

@@ -188,11 +188,12 @@ def run_step(opts, dist) -> dict:
             old_model.eval()
             old_model.requires_grad_(False)
         logger.info(f"loaded step {opts.step - 1} from {prev_path}")
-    if opts.freeze and opts.step > 0:
+    if opts.freeze and not opts.regularizer:
+        # MiB's --freeze keeps the body out of the optimiser at every step (below); only a regulariser's
+        # running state reads its gradient, so without one it is not computed
         model.body.requires_grad_(False)
-        model.head.requires_grad_(False)
-    if opts.fix_bn:
-        model.fix_bn()
+    if opts.fix_bn or opts.fix_bn_strict:
+        model.fix_bn(keep_eval=opts.fix_bn_strict)
     method.setup(model, previous_state)
 
     train_set, val_set, test_set = get_datasets(opts)
@@ -200,7 +201,7 @@ def run_step(opts, dist) -> dict:
     logger.info(f"{len(train_set)} training crops, {len(val_set) if val_set else 0} validation, "
                 f"{len(test_set)} test")
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = model.optimizer_parameters(freeze_body=opts.freeze)
     optimizer = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, nesterov=True,
                                 weight_decay=opts.weight_decay)
     iters_per_epoch = len(train_loader) if not opts.debug else min(len(train_loader), 2)

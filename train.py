@@ -3,6 +3,7 @@ It only calls the Method's hooks and knows no method by name."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -44,9 +45,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _set_train_mode(self):
+        # as MiB: norm layers follow train() (--fix_bn froze only their affine parameters); the model itself
+        # keeps them in eval mode under --fix_bn_strict
         self.model.train()
-        if self.opts.fix_bn:
-            self.module.fix_bn()
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, loader, epoch: int) -> dict[str, float]:
@@ -95,7 +96,9 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         with self._autocast():
             terms = self.method.training_losses(self.model, self.old_model, images, labels)
-        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        # the terms' own precision, at least fp32 (fp16/bf16 terms promoted, fp64 kept)
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in terms.values()), torch.float32)
+        loss = torch.stack([t.to(dtype) for t in terms.values()]).sum()
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

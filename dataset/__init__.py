@@ -39,7 +39,7 @@ def _load_split(path, n_train_crops, data_root, dataset):
 def get_datasets(opts):
     """(train, val, test) datasets of one incremental step.
 
-    opts: data_root, dataset, task, step, overlap, crop_size, cross_val, random_seed.
+    opts: data_root, dataset, task, step, overlap, crop_size, cross_val, random_seed, no_mask.
     train: the step's split file, augmented, train remapping. val (monitoring only): the test
     crops containing a class of the step, or with cross_val 20 % of the step's train crops
     held out (seeded); val remapping. test: every test crop, test remapping.
@@ -67,7 +67,8 @@ def get_datasets(opts):
               f"({meta['crop_size']} px): training crops are mostly padding; process the data with "
               f"--crop_size {crop_size} or train with --crop_size {meta['crop_size']}", file=sys.stderr)
     mean, std = meta["mean"], meta["std"]
-    luts = {mode: label_lut(dataset, task, step, mode) for mode in ("train", "val", "test")}
+    masking = not getattr(opts, "no_mask", False)
+    luts = {mode: label_lut(dataset, task, step, mode, masking) for mode in ("train", "val", "test")}
 
     if getattr(opts, "cross_val", False):
         rng = np.random.default_rng(getattr(opts, "random_seed", 42))

@@ -5,6 +5,7 @@ Remapping (DESIGN §3.5) is a 256-entry lookup table applied to the whole label 
   classes -> 0; 255 (and any unknown value) -> 255;
 - val: current-step classes -> index, background 0 kept; old and future classes -> 255;
 - test: every class seen up to this step -> index; future classes -> 255.
+Without masking (MiB's --no_mask) old classes keep their channel index in train and val labels too.
 Channel index = position of the class in the task order (tasks.get_order).
 """
 import numpy as np
@@ -17,8 +18,8 @@ MODES = ("train", "val", "test")
 BACKGROUND = 0
 
 
-def label_lut(dataset, task, step, mode):
-    """uint8[256] table: remapped label = lut[raw label]."""
+def label_lut(dataset, task, step, mode, masking=True):
+    """uint8[256] table: remapped label = lut[raw label]. masking=False keeps old classes in train/val."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     new, old = tasks.get_task_labels(dataset, task, step)
@@ -30,7 +31,9 @@ def label_lut(dataset, task, step, mode):
     elif mode == "val":
         lut[BACKGROUND] = channel[BACKGROUND]
         lut[new] = [channel[c] for c in new]
-    else:
+    if mode in ("train", "val") and not masking and old:
+        lut[old] = [channel[c] for c in old]
+    if mode == "test":
         seen = old + new
         lut[seen] = [channel[c] for c in seen]
     return lut

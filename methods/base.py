@@ -50,6 +50,15 @@ class Method:
         self.regularizer = None
         # Symmetries are drawn from a seeded generator so runs are reproducible.
         self._symmetry_rng = torch.Generator().manual_seed(int(opts.random_seed) + 1000 * step)
+        if self.icarl_replaces_segmentation and self.uses_invariance:
+            raise UserError("--icarl_disjoint replaces the segmentation loss with one that needs the old model's "
+                            "outputs on the same images, which the rotated half of --cd_factor/--cd_factor_icl "
+                            "does not have; drop --icarl_disjoint or the invariance terms")
+
+    @property
+    def icarl_replaces_segmentation(self) -> bool:
+        """MiB's --icarl_disjoint at t > 0: one iCaRL loss instead of BCE + iCaRL distillation."""
+        return self.step > 0 and self.opts.icarl and self.opts.icarl_disjoint
 
     # ---------------------------------------------------------------- model set-up
     @property
@@ -87,6 +96,7 @@ class Method:
             alpha=self.opts.reg_alpha,
             normalize=not self.opts.reg_no_normalize,
             iterations=self.opts.reg_iterations,
+            update_after_step=self.opts.reg_update_after_step,
         )
 
     # ---------------------------------------------------------------- training
@@ -95,7 +105,8 @@ class Method:
         return labels
 
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.opts.icarl:
+        """BCE (--bce or --icarl, before --unce as in MiB), UnCE at t > 0, else CE."""
+        if self.opts.bce or self.opts.icarl:
             return losses.bce_with_onehot(logits, labels)
         if self.opts.unce and self.step > 0:
             return losses.unbiased_cross_entropy(logits, labels, self.old_classes)
@@ -112,7 +123,7 @@ class Method:
             terms["kd"] = opts.loss_kd * kd(ctx.logits, ctx.old_logits, alpha=opts.alpha)
         if opts.loss_de > 0:
             terms["de"] = opts.loss_de * losses.feature_distillation(ctx.features["body"], ctx.old_features["body"])
-        if opts.icarl:
+        if opts.icarl and not self.icarl_replaces_segmentation:
             terms["icarl"] = opts.icarl_importance * losses.icarl_distillation(ctx.logits, ctx.old_logits)
         return terms
 
@@ -153,7 +164,11 @@ class Method:
             old_logits=old_logits,
             old_features=old_features,
         )
-        terms = {"seg": self.segmentation_loss(logits_all, seg_labels)}
+        if self.icarl_replaces_segmentation:
+            seg = losses.icarl_disjoint(ctx.logits, old_logits, labels, background_from_labels=self.opts.icarl_bkg)
+        else:
+            seg = self.segmentation_loss(logits_all, seg_labels)
+        terms = {"seg": seg}
         terms.update(self.distillation_losses(ctx))
         terms.update(self.extra_losses(ctx))
         if symmetry is not None:

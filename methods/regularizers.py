@@ -2,15 +2,22 @@
 
 How they run (the Trainer calls these through the Method, identically on every rank):
 
-    loss.backward()                 # task gradient g, DDP-averaged (and unscaled under AMP)
-    penalty = reg.before_step()     # keeps a copy of g, adds 2λΩ⊙(θ−θ_ref) to p.grad, returns λΣΩ⊙(θ−θ_ref)²
+    loss.backward()                 # task gradient g_i at θ_{i-1}, DDP-averaged (and unscaled under AMP)
+    penalty = reg.before_step()     # running state from g_i and θ_{i-1} (MiB's order); then adds
+                                    # 2λΩ⊙(θ−θ_ref) to p.grad and returns λΣΩ⊙(θ−θ_ref)²
     optimizer.step()                # θ_{i-1} -> θ_i
-    reg.after_step()                # running state from g_i and θ_i
+    reg.after_step()                # nothing in MiB's order
 
-Iteration i therefore pairs the task gradient g_i (computed at θ_{i-1}, before the penalty was added)
-with the parameter change θ_{i-1} -> θ_i that this very gradient produced. (MiB paired the gradient of
-iteration i with the change made by iteration i-1.) The state depends only on averaged gradients and
-parameters, so it is the same on every rank without any communication.
+MiB's order (the default, what its published baselines were computed with): the running state is updated
+after backward and before the optimiser step, so the gradient g_i of iteration i meets the parameter change
+θ_{i-2} -> θ_{i-1} made by iteration i-1 (PI), and RW's periodic score update fires at iterations
+1, K+1, 2K+1, ... (the first one only records θ_K = θ_0). With `update_after_step=True`
+(--reg_update_after_step, a deviation from MiB) the update runs in `after_step` instead: g_i meets the change
+θ_{i-1} -> θ_i that it produced itself, and RW's score fires at iterations K, 2K, ...
+
+The running Fisher of EWC and RW starts from the Fisher saved by step t-1 (ones at step 0, and for parameters
+the previous step did not have). The state depends only on averaged gradients and parameters, so it is the
+same on every rank without any communication.
 
 Penalty (t > 0): λ Σ Ω ⊙ (θ − θ_ref)² over the parameters present in the previous step's state and in
 `params` (the new classifier is never penalised; frozen parameters are skipped), with Ω built from the
@@ -58,6 +65,7 @@ class Regularizer:
         alpha: float = 0.9,
         normalize: bool = True,
         iterations: int = 10,
+        update_after_step: bool = False,
     ):
         self.params: dict[str, torch.nn.Parameter] = dict(params)
         if not self.params:
@@ -72,9 +80,9 @@ class Regularizer:
         self.alpha = float(alpha)
         self.normalize = bool(normalize)
         self.iterations = int(iterations)
-        self.iteration = 0  # optimisation steps seen so far (after_step calls)
-        self._task_grads: dict[str, torch.Tensor | None] | None = None
-        self._grads_finite: torch.Tensor | None = None
+        self.update_after_step = bool(update_after_step)
+        self.iteration = 0  # running-state updates so far (one per training iteration)
+        self._pending: tuple[dict[str, torch.Tensor | None], torch.Tensor] | None = None
 
         first = next(iter(self.params.values()))
         self._device, self._dtype = first.device, first.dtype
@@ -141,11 +149,22 @@ class Regularizer:
 
     @torch.no_grad()
     def before_step(self) -> torch.Tensor:
-        """After backward, before optimizer.step(): keep the task gradient g, add the penalty's analytic
-        gradient 2λΩ⊙(θ − θ_ref) to p.grad, return the penalty value (detached; 0 at step 0)."""
-        self._task_grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in self.params.items()}
-        finite = [torch.isfinite(g).all() for g in self._task_grads.values() if g is not None]
-        self._grads_finite = torch.stack(finite).all() if finite else torch.ones((), dtype=torch.bool)
+        """After backward, before optimizer.step(): update the running state from the task gradient g and
+        the current θ (MiB's order; with update_after_step keep g for `after_step` instead), add the
+        penalty's analytic gradient 2λΩ⊙(θ − θ_ref) to p.grad, return the penalty value (detached; 0 at
+        step 0)."""
+        if self.update_after_step:
+            # after_step needs g once p.grad also holds the penalty gradient: keep a copy
+            grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in self.params.items()}
+        else:
+            grads = {n: p.grad for n, p in self.params.items()}  # read before the penalty is added
+        finite = [torch.isfinite(g).all() for g in grads.values() if g is not None]
+        finite = torch.stack(finite).all() if finite else torch.ones((), dtype=torch.bool, device=self._device)
+        if self.update_after_step:
+            self._pending = (grads, finite)
+        else:
+            self.iteration += 1
+            self._update(grads, finite)
         total = torch.zeros((), device=self._device, dtype=self._dtype)
         for n in self.penalised_names:
             p = self.params[n]
@@ -160,16 +179,25 @@ class Regularizer:
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """After optimizer.step(): update the running state with g_i and θ_i."""
-        if self._task_grads is None:
+        """After optimizer.step(): nothing in MiB's order; with update_after_step, update the running state
+        with this iteration's g and the θ its step produced."""
+        if not self.update_after_step:
+            return
+        if self._pending is None:
             raise RuntimeError("Regularizer.after_step() called without before_step() in this iteration")
-        grads, finite = self._task_grads, self._grads_finite
-        self._task_grads = self._grads_finite = None
+        (grads, finite), self._pending = self._pending, None
         self.iteration += 1
-        self._update(grads, finite.to(self._device))
+        self._update(grads, finite)
 
     def _update(self, grads: dict[str, torch.Tensor | None], finite: torch.Tensor) -> None:
+        """One running-state update from the task gradients `grads` and the parameters' current values."""
         raise NotImplementedError
+
+    @property
+    def _first_update_only_records(self) -> bool:
+        """MiB's order: the first update of a step has no earlier parameters to pair with; it only records
+        them (whatever happened to the parameters between construction and the first iteration)."""
+        return not self.update_after_step and self.iteration == 1
 
     def _running_fisher_update(self, fisher: dict, grads: dict, finite: torch.Tensor) -> None:
         """F ← α g² + (1 − α) F for every parameter that received a gradient."""
@@ -179,9 +207,11 @@ class Regularizer:
                 fisher[n] = torch.where(finite, updated, fisher[n])
 
     def _initial_fisher(self) -> dict[str, torch.Tensor]:
-        """Running F at the start of every step: ones (METHODS.md §3); with α = 0.9 the start value's
-        weight (1 − α)^i vanishes within a few iterations anyway."""
-        return {n: torch.ones_like(p.detach()) for n, p in self.params.items()}
+        """Running F at the start of a step (as MiB): the Fisher saved by step t-1 (not normalised) where
+        it has one, ones elsewhere (every parameter at step 0, the new classifier at t > 0)."""
+        saved = self.previous.get("fisher", {}) if self.previous else {}
+        return {n: self._to_param(saved[n], n) if n in saved else torch.ones_like(p.detach())
+                for n, p in self.params.items()}
 
     # ------------------------------------------------------------------ state
     def _params_cpu(self) -> dict[str, torch.Tensor]:
@@ -219,7 +249,9 @@ class EWC(Regularizer):
 class PI(Regularizer):
     """Path integral (synaptic intelligence): Ω = normalize(s°), θ_ref = θ_start = θ°.
 
-    ω += g_i ⊙ (θ_{i-1} − θ_i) each iteration; the score saved at the end is
+    Each update: ω += g ⊙ (θ_prev − θ), θ_prev ← θ, with θ the parameters when the update runs (θ_{i-1} in
+    MiB's order, θ_i with update_after_step) and θ_prev those of the previous update (the values at
+    construction before the first one; in MiB's order the first update only records θ). The score saved is
     s = max(0, ω / ((θ − θ_start)² + 1e-20)) + s° (s° only for parameters that have one).
     θ_start is θ° for old parameters and the value at construction for the others (the initial model at
     step 0, the freshly initialised classifier at t > 0).
@@ -233,15 +265,16 @@ class PI(Regularizer):
         # θ° where there is one (the penalty's θ_ref, shared), else the value at construction.
         self.start = {n: self.reference.get(n, p.detach().clone()) for n, p in self.params.items()}
         self.omega_path = {n: torch.zeros_like(p.detach()) for n, p in self.params.items()}
-        self.previous_params = {n: p.detach().clone() for n, p in self.params.items()}  # θ_{i-1}, on device
+        self.previous_params = {n: p.detach().clone() for n, p in self.params.items()}  # θ_prev, on device
 
     def _importance_weights(self, name):
         return self._as_importance(self._to_param(self.previous["score"][name], name))
 
     def _update(self, grads, finite):
+        record_only = self._first_update_only_records
         for n, p in self.params.items():
             g = grads[n]
-            if g is not None:
+            if g is not None and not record_only:
                 updated = self.omega_path[n] + g * (self.previous_params[n] - p.detach())
                 self.omega_path[n] = torch.where(finite, updated, self.omega_path[n])
             self.previous_params[n].copy_(p.detach())
@@ -265,10 +298,12 @@ class PI(Regularizer):
 class RW(Regularizer):
     """Riemannian walk: Ω = normalize(F°) + normalize(s°), θ_ref = θ°.
 
-    Every iteration i: F ← α g_i² + (1 − α) F. Every K = `iterations` iterations, first (with F before
-    iteration i's update): s += g_i ⊙ (θ_K − θ_i) / (½ F ⊙ (θ_i − θ_K)² + 1e-8), then θ_K ← θ_i
-    (θ_K starts at the parameters at construction). Saved score: max(s, 0), averaged ½(max(s, 0) + s°)
-    with the previous step's score where there is one.
+    Each update, with θ the parameters when it runs (θ_{i-1} in MiB's order, θ_i with update_after_step):
+    at iterations 1, K+1, 2K+1, ... (MiB's order; K, 2K, ... with update_after_step), K = `iterations`,
+    first s += g ⊙ (θ_K − θ) / (½ F ⊙ (θ − θ_K)² + 1e-8) with F before this iteration's update, then
+    θ_K ← θ (θ_K starts at the parameters at construction; MiB's first firing only records θ);
+    then, every iteration, F ← α g² + (1 − α) F. Saved score: max(s, 0), averaged ½(max(s, 0) + s°) with
+    the previous step's score where there is one.
     """
 
     name = "rw"
@@ -285,11 +320,18 @@ class RW(Regularizer):
         score = self._to_param(self.previous["score"][name], name)
         return self._as_importance(fisher) + self._as_importance(score)
 
+    def _fires(self) -> bool:
+        """Whether this update also updates the walk score (self.iteration counts from 1)."""
+        if self.update_after_step:
+            return self.iteration % self.iterations == 0
+        return (self.iteration - 1) % self.iterations == 0
+
     def _update(self, grads, finite):
-        if self.iteration % self.iterations == 0:
+        if self._fires():
+            record_only = self._first_update_only_records
             for n, p in self.params.items():
                 g, theta = grads[n], p.detach()
-                if g is not None:
+                if g is not None and not record_only:
                     moved = self.checkpoint_params[n] - theta
                     updated = self.walk_score[n] + g * moved / (0.5 * self.fisher[n] * moved.pow(2) + RW_EPS)
                     self.walk_score[n] = torch.where(finite, updated, self.walk_score[n])
@@ -323,9 +365,12 @@ def make_regularizer(
     alpha: float = 0.9,
     normalize: bool = True,
     iterations: int = 10,
+    update_after_step: bool = False,
 ) -> Regularizer:
-    """Build the regulariser `name` (ewc, pi, rw) for the trainable `params` of the current model."""
+    """Build the regulariser `name` (ewc, pi, rw) for the trainable `params` of the current model.
+    update_after_step=True pairs each gradient with its own step's change (not MiB's order)."""
     cls = REGULARIZERS.get(str(name).lower())
     if cls is None:
         raise UserError(f"unknown --regularizer {name!r}; choose one of {', '.join(REGULARIZERS)}")
-    return cls(params, previous_state, importance, alpha=alpha, normalize=normalize, iterations=iterations)
+    return cls(params, previous_state, importance, alpha=alpha, normalize=normalize, iterations=iterations,
+               update_after_step=update_after_step)

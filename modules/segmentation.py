@@ -34,7 +34,7 @@ class IncrementalSegmentationModule(nn.Module):
         self.head = head
         self.classes = [int(c) for c in classes]
         self.cls = nn.ModuleList([nn.Conv2d(head_channels, c, 1, bias=True) for c in self.classes])
-        self._bn_fixed = False
+        self._norm_eval = False  # --fix_bn_strict: norm layers stay in eval mode through train()
 
     @property
     def num_classes(self):
@@ -71,24 +71,33 @@ class IncrementalSegmentationModule(nn.Module):
         for module in frozen:
             module.requires_grad_(False)
 
-    def fix_bn(self):
-        """Put every norm layer in eval mode and freeze its affine parameters.
+    def optimizer_parameters(self, freeze_body=False):
+        """The parameters the optimiser updates: every one that requires a gradient, without the body's
+        under MiB's --freeze (its gradient may still be computed, e.g. for a regulariser's running state)."""
+        frozen = {id(p) for p in self.body.parameters()} if freeze_body else set()
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in frozen]
 
-        Persistent: a later `train()` keeps the norm layers in eval mode.
+    def _norm_layers(self):
+        return [module for module in self.modules() if isinstance(module, NORM_LAYER_TYPES)]
+
+    def fix_bn(self, keep_eval=False):
+        """Freeze the affine parameters of every norm layer (MiB's --fix_bn).
+
+        MiB also switched the layers to eval mode, but its model.train() at every epoch switched them back,
+        so their running statistics kept updating in training: the same happens here. keep_eval=True
+        (--fix_bn_strict) keeps them in eval mode through later train() calls, so the statistics stay fixed.
         """
-        self._bn_fixed = True
-        self._apply_fix_bn()
-
-    def _apply_fix_bn(self):
-        for module in self.modules():
-            if isinstance(module, NORM_LAYER_TYPES):
-                module.eval()
-                for param in (module.weight, module.bias):
-                    if param is not None:
-                        param.requires_grad_(False)
+        for module in self._norm_layers():
+            for param in (module.weight, module.bias):
+                if param is not None:
+                    param.requires_grad_(False)
+        if keep_eval:
+            self._norm_eval = True
+            self.train(self.training)
 
     def train(self, mode=True):
         super().train(mode)
-        if self._bn_fixed:
-            self._apply_fix_bn()
+        if self._norm_eval:
+            for module in self._norm_layers():
+                module.eval()
         return self

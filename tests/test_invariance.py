@@ -33,7 +33,8 @@ class TinySegModel(nn.Module):
 MIB_DEFAULTS = dict(
     loss_kd=0.0, loss_de=0.0, unce=False, unkd=False, alpha=1.0, init_balanced=False, icarl=False,
     icarl_importance=1.0, regularizer=None, reg_importance=1.0, reg_alpha=0.9, reg_no_normalize=False,
-    reg_iterations=10, random_seed=42, cd_factor=0.0, cd_factor_icl=0.0,
+    reg_iterations=10, random_seed=42, cd_factor=0.0, cd_factor_icl=0.0, bce=False, icarl_disjoint=False,
+    icarl_bkg=False, reg_update_after_step=False,
 )
 
 

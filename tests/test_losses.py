@@ -121,6 +121,25 @@ def ref_icarl(x, xo):
     return old * total / (B * old * H * W)
 
 
+def ref_icarl_disjoint(x, y, xo, background_from_labels):
+    """Per pixel Σ_c BCE(x_c, t_c): t_c = sigmoid(x°_c) on old channels (from 1 with background_from_labels),
+    1[y = c] elsewhere; ignored pixels 0; mean over all pixels."""
+    old, channels = xo.shape[1], x.shape[1]
+    first_soft = 1 if background_from_labels else 0
+    total = 0.0
+    for b, i, j in pixels():
+        c = int(y[b, i, j])
+        if c == IGNORE:
+            continue
+        for k in range(channels):
+            if first_soft <= k < old:
+                target = 1.0 / (1.0 + math.exp(-float(xo[b, k, i, j])))
+            else:
+                target = 1.0 if k == c else 0.0
+            total += bce(float(x[b, k, i, j]), target)
+    return total / (B * H * W)
+
+
 def ref_de(f, fo):
     total = 0.0
     for value, old_value in zip(f.flatten().tolist(), fo.flatten().tolist()):
@@ -128,8 +147,9 @@ def ref_de(f, fo):
     return total / f.numel()
 
 
-def close(value, reference, tol=1e-5):
-    assert value.dim() == 0 and value.dtype == torch.float32
+def close(value, reference, tol=1e-12):
+    """fp64 inputs are computed in fp64 (not cast down to fp32), so the match is tight."""
+    assert value.dim() == 0 and value.dtype == torch.float64
     assert value.item() == pytest.approx(reference, rel=tol, abs=tol)
 
 
@@ -153,6 +173,7 @@ def test_ignored_pixels_count_zero_in_an_all_pixel_mean():
         losses.cross_entropy(x, y_ignored),
         losses.unbiased_cross_entropy(x, y_ignored, 2),
         losses.bce_with_onehot(x, y_ignored),
+        losses.icarl_disjoint(x, x[:, :2], y_ignored),
     ):
         assert value.item() == 0.0
 
@@ -207,6 +228,16 @@ def test_icarl_distillation_matches_formula():
     close(losses.icarl_distillation(x, xo), ref_icarl(x, xo))
 
 
+@pytest.mark.parametrize("background_from_labels", [False, True])
+def test_icarl_disjoint_matches_formula(background_from_labels):
+    x, xo, y = make_logits(5, seed=25), make_logits(3, seed=26), make_labels(5, seed=27)
+    assert (y == 0).any() and ((y > 0) & (y < 3)).any() and (y >= 3).any() and (y == IGNORE).any()
+    value = losses.icarl_disjoint(x, xo, y, background_from_labels=background_from_labels)
+    close(value, ref_icarl_disjoint(x, y, xo, background_from_labels))
+    other = losses.icarl_disjoint(x, xo, y, background_from_labels=not background_from_labels)
+    assert abs(value.item() - other.item()) > 1e-3  # --icarl_bkg changes the background target
+
+
 def test_feature_distillation_matches_formula():
     gen = torch.Generator().manual_seed(16)
     f = torch.randn(B, 8, 2, 2, generator=gen, dtype=torch.float64)
@@ -223,6 +254,8 @@ def all_losses(x, y, xo, f, fo):
         "bce": losses.bce_with_onehot(x, y),
         "icarl": losses.icarl_distillation(x, xo),
         "de": losses.feature_distillation(f, fo),
+        "icarl_disjoint": losses.icarl_disjoint(x, xo, y),
+        "icarl_disjoint_bkg": losses.icarl_disjoint(x, xo, y, background_from_labels=True),
     }
 
 

@@ -416,12 +416,15 @@ def test_classifier_param_names_and_freeze_body():
 
 
 @pytest.mark.parametrize("norm_act", ["iabn", "std"])
-def test_fix_bn_keeps_running_stats_in_a_train_step(norm_act):
+@pytest.mark.parametrize("keep_eval", [False, True])
+def test_fix_bn_freezes_affine_parameters_and_running_stats_only_when_strict(norm_act, keep_eval):
+    """fix_bn() (MiB's --fix_bn): norm affine parameters frozen, running statistics still updated in a train
+    step; fix_bn(keep_eval=True) (--fix_bn_strict): both fixed, through the trainer's model.train()."""
     torch.manual_seed(0)
 
     def train_step(model):
-        model.train()  # fix_bn must survive the trainer's model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
+        model.train()  # the trainer's model.train() at every epoch
+        params = model.optimizer_parameters()
         optimizer = torch.optim.SGD(params, lr=0.1)
         logits, _ = model(torch.randn(2, 3, 32, 32))
         logits.logsumexp(1).mean().backward()
@@ -434,13 +437,31 @@ def test_fix_bn_keeps_running_stats_in_a_train_step(norm_act):
 
     model = make_model(opts(norm_act=norm_act), [2])
     model.load_state_dict(before)
-    model.fix_bn()
+    model.fix_bn(keep_eval=keep_eval)
     train_step(model)
     after = model.state_dict()
-    norm_keys = [k for k in before if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
-                 or (k.rsplit(".", 2)[-2].startswith(("bn", "proj_bn", "map_bn", "global_pooling_bn", "red_bn")))]
-    assert len(norm_keys) > 50
-    for key in norm_keys:
+    norm_modules = {name for name, m in model.named_modules() if isinstance(m, models.norm_act.NORM_LAYER_TYPES)}
+    affine = [k for k in before if k.rsplit(".", 1)[0] in norm_modules and k.rsplit(".", 1)[1] in ("weight", "bias")]
+    stats = [k for k in before if k.rsplit(".", 1)[0] in norm_modules and k.rsplit(".", 1)[1] in ("running_mean", "running_var")]
+    assert len(affine) > 40 and len(stats) > 40  # every norm layer of the ResNet-18 body and the head
+    for key in affine:
         assert torch.equal(after[key], before[key]), key
+    changed_stats = [k for k in stats if not torch.equal(after[k], before[k])]
+    if keep_eval:
+        assert changed_stats == []
+        assert not model.body.mod1.bn1.training and model.cls[0].training
+    else:
+        assert len(changed_stats) == len(stats)
+        assert model.body.mod1.bn1.training
     assert not torch.equal(after["body.mod1.conv1.weight"], before["body.mod1.conv1.weight"])
-    assert not model.body.mod1.bn1.training and model.cls[0].training
+    model.eval()
+    assert not model.body.mod1.bn1.training
+
+
+def test_optimizer_parameters_leave_out_the_body_under_freeze():
+    model = tiny_model([3, 1])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in model.optimizer_parameters()] == [n for n, _ in model.named_parameters()]
+    kept = [names[id(p)] for p in model.optimizer_parameters(freeze_body=True)]
+    assert kept == [n for n, _ in model.named_parameters() if not n.startswith("body.")]
+    assert all(p.requires_grad for p in model.body.parameters())  # MiB still computes the body's gradient

@@ -209,16 +209,48 @@ def test_overlap_writes_ov_names(data_root, tmp_path):
     assert (tmp_path / "logs" / "4-1-vaihingen-ov" / "FT" / "step0" / "log.txt").is_file()
 
 
-def test_freeze_and_fix_bn_keep_the_feature_extractor(data_root, tmp_path):
-    """--freeze trains only classifiers at t > 0; --fix_bn keeps normalisation statistics."""
+def _norm_keys(state, kinds):
+    """State-dict keys of the norm layers' `kinds` (e.g. running_mean) — every norm layer has running_var."""
+    layers = {k.rsplit(".", 1)[0] for k in state if k.endswith(".running_var")}
+    return [k for k in state if k.rsplit(".", 1)[0] in layers and k.rsplit(".", 1)[1] in kinds]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_freeze_and_fix_bn_semantics(data_root, tmp_path, strict):
+    """MiB's --freeze: the body is not optimised, head and classifiers are. MiB's --fix_bn: norm affine
+    parameters fixed, running statistics still updated; --fix_bn_strict fixes those too."""
     run.main(run_args(data_root, tmp_path, 0, extra=["--debug"]))
-    run.main(run_args(data_root, tmp_path, 1, extra=["--debug", "--freeze", "--fix_bn"]))
+    fix = "--fix_bn_strict" if strict else "--fix_bn"
+    run.main(run_args(data_root, tmp_path, 1, extra=["--debug", "--freeze", fix]))
     before = torch.load(ckpt_file(tmp_path, 0), weights_only=False)["model"]
     after = torch.load(ckpt_file(tmp_path, 1), weights_only=False)["model"]
-    for key, value in before.items():
-        if key.startswith(("body.", "head.")):
-            assert torch.equal(value, after[key]), key  # weights and running statistics alike
+    affine = set(_norm_keys(before, ("weight", "bias")))
+    stats = _norm_keys(before, ("running_mean", "running_var"))
+    assert len(affine) > 40
+    for key in affine:
+        assert torch.equal(before[key], after[key]), key
+    body_weights = [k for k in before if k.startswith("body.") and k.endswith("weight") and k not in affine]
+    head_weights = [k for k in before if k.startswith("head.") and k.endswith("weight") and k not in affine]
+    assert body_weights and head_weights
+    assert all(torch.equal(before[k], after[k]) for k in body_weights)  # body out of the optimiser
+    assert all(not torch.equal(before[k], after[k]) for k in head_weights)  # the head trains
     assert not torch.equal(before["cls.0.weight"], after["cls.0.weight"])
+    changed = [k for k in stats if not torch.equal(before[k], after[k])]
+    assert changed == [] if strict else len(changed) == len(stats)
+
+
+def test_freeze_applies_at_step0_and_keeps_the_body_gradient_for_a_regulariser(data_root, tmp_path):
+    """MiB freezes the body at every step, step 0 included; its gradient still feeds EWC's Fisher."""
+    run.main(run_args(data_root, tmp_path, 0, method="EWC", extra=["--debug", "--freeze", "--fix_bn_strict"]))
+    ckpt = torch.load(ckpt_file(tmp_path, 0, name="EWC"), weights_only=False)
+    fisher = ckpt["method_state"]["regularizer"]["state"]["fisher"]
+    assert any(k.startswith("body.") for k in fisher)
+    run.main(run_args(data_root, tmp_path, 1, method="EWC", extra=["--debug", "--freeze", "--fix_bn_strict"]))
+    after = torch.load(ckpt_file(tmp_path, 1, name="EWC"), weights_only=False)
+    body = [k for k in ckpt["model"] if k.startswith("body.")]
+    assert all(torch.equal(ckpt["model"][k], after["model"][k]) for k in body)
+    fisher1 = after["method_state"]["regularizer"]["state"]["fisher"]
+    assert any(not torch.equal(fisher[k], fisher1[k]) for k in fisher if k.startswith("body.") and k in fisher1)
 
 
 def test_cross_val_holds_out_a_fifth_of_the_step_crops(data_root, tmp_path):

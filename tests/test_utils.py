@@ -30,16 +30,37 @@ def _optimizer(lrs=(0.01, 0.001)):
 
 def test_poly_lr_values_every_iteration():
     opt = _optimizer()
-    sched = PolyLR(opt, max_iters=10, power=0.9, min_lr=1e-6)
+    sched = PolyLR(opt, max_iters=10, power=0.9)
     seen = []
     for _ in range(12):
         seen.append([g["lr"] for g in opt.param_groups])
         opt.step()
         sched.step()
     for i, lrs in enumerate(seen):
-        expected = [max(base * (1 - min(i, 10) / 10) ** 0.9, 1e-6) for base in (0.01, 0.001)]
+        expected = [base * (1 - min(i, 10) / 10) ** 0.9 for base in (0.01, 0.001)]
         assert lrs == pytest.approx(expected, rel=1e-12, abs=0)
-    assert seen[10] == [1e-6, 1e-6] and seen[11] == [1e-6, 1e-6]
+    assert seen[10] == [0.0, 0.0] and seen[11] == [0.0, 0.0]  # past the end (never trained): 0
+
+
+def test_poly_lr_last_iterations_have_no_floor():
+    """MiB's poly schedule has no floor: the last iterations train below 1e-6 when the formula says so."""
+    opt = _optimizer((1e-4,))
+    sched = PolyLR(opt, max_iters=1000, power=0.9)
+    lrs = []
+    for _ in range(1000):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for i in (997, 998, 999):
+        assert lrs[i] == pytest.approx(1e-4 * (1 - i / 1000) ** 0.9, rel=1e-12, abs=0)
+    assert lrs[999] < 1e-6 and lrs[999] > 0 and opt.param_groups[0]["lr"] == 0.0
+    # an explicit floor is an option, off by default
+    opt = _optimizer((1e-4,))
+    sched = PolyLR(opt, max_iters=1000, power=0.9, min_lr=1e-6)
+    for _ in range(999):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 1e-6
 
 
 def test_poly_lr_resumes_from_state_dict():

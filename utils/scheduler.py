@@ -7,9 +7,13 @@ from utils.errors import UserError
 
 
 class PolyLR(LRScheduler):
-    """lr_i = max(base_lr * (1 - i / max_iters) ** power, min_lr); call step() after every iteration."""
+    """lr_i = max(base_lr * (1 - i / max_iters) ** power, min_lr); call step() after every iteration.
 
-    def __init__(self, optimizer, max_iters: int, power: float = 0.9, min_lr: float = 1e-6, last_epoch: int = -1):
+    min_lr defaults to 0: MiB's schedule has no floor, so the last iteration trains at
+    base_lr * (1 / max_iters) ** power. A positive min_lr is an explicit departure from MiB.
+    """
+
+    def __init__(self, optimizer, max_iters: int, power: float = 0.9, min_lr: float = 0.0, last_epoch: int = -1):
         if max_iters <= 0:
             raise ValueError(f"max_iters must be positive, got {max_iters}")
         self.max_iters = int(max_iters)
@@ -18,7 +22,8 @@ class PolyLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _factor(self) -> float:
-        # Clamp so stepping past max_iters stays at min_lr instead of a complex power of a negative number.
+        # Clamp so stepping past max_iters (never done in training) stays at min_lr instead of a complex
+        # power of a negative number.
         done = min(self.last_epoch, self.max_iters) / self.max_iters
         return (1.0 - done) ** self.power
 
