@@ -239,11 +239,12 @@ def run_step(opts, dist) -> dict:
         trainer.train_epoch(train_loader, epoch)
         last = epoch + 1 == opts.epochs
         # with --patience every validation counts (the last epoch's too); without, it is monitoring only
-        if val_loader is not None and (epoch + 1) % opts.val_interval == 0 and (stopper or not last):
+        if val_loader is not None and (epoch + 1) % opts.val_interval == 0 and (stopper is not None or not last):
             metrics, _ = trainer.evaluate(val_loader, num_classes=num_seen)
             # validation labels hold only background and the step's classes (DESIGN 3.5)
             miou = metrics.results(old_classes=list(range(num_seen)), new_classes=[])["miou_all_bg"]
-            logger.add_scalar("val/mIoU", miou, epoch + 1)
+            if miou is not None:  # None: empty validation set
+                logger.add_scalar("val/mIoU", miou, epoch + 1)
             shown = "x" if miou is None else f"{100 * miou:.2f}"
             if stopper is None:
                 logger.info(f"validation (monitoring only) after epoch {epoch + 1}: mIoU {shown}")

@@ -4,8 +4,8 @@ import os
 import torch
 
 from models import build_backbone, norm_act_factory
-from utils.errors import UserError
 from models.weights import FIRST_CONV
+from utils.errors import UserError
 
 from .deeplab import ASPP_RATES, DeeplabV3
 from .segmentation import IncrementalSegmentationModule, classifier_prefix, is_classifier_param
@@ -54,5 +54,6 @@ def check_checkpoint_bands(path, bands, data_description):
                         f"use a checkpoint and a processed dataset with the same --channels")
 
 
-__all__ = ["ASPP_RATES", "check_checkpoint_bands", "checkpoint_input_bands", "DeeplabV3", "HEAD_CHANNELS", "IncrementalSegmentationModule", "classifier_prefix",
+__all__ = ["ASPP_RATES", "check_checkpoint_bands", "checkpoint_input_bands",
+           "DeeplabV3", "HEAD_CHANNELS", "IncrementalSegmentationModule", "classifier_prefix",
            "is_classifier_param", "make_model"]

@@ -30,7 +30,8 @@ class PolyLR(LRScheduler):
 
 
 def build_scheduler(name: str, optimizer, max_iters: int, power: float = 0.9, step_size: int | None = None, gamma: float = 0.1):
-    """'poly' -> PolyLR; 'cosine' -> CosineAnnealingLR over max_iters; 'step' -> StepLR every `step_size` iterations by `gamma` (MiB --lr_decay_step / --lr_decay_factor)."""
+    """'poly' -> PolyLR; 'step' -> StepLR every `step_size` iterations by `gamma` (MiB --lr_decay_step / --lr_decay_factor);
+    'cosine' -> CosineAnnealingLR over max_iters (MiB-CD)."""
     if name == "poly":
         return PolyLR(optimizer, max_iters=max_iters, power=power)
     if name == "cosine":  # annealed once over the step's iterations, down to 0 (MiB-CD's recipe)
