@@ -6,6 +6,7 @@ import argparse
 import tasks
 from methods import METHODS, get_method_class
 from utils.errors import UserError
+from utils.optimizer import OPTIMIZERS
 
 
 def _str2bool_flag(group, *names, help):
@@ -22,12 +23,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("data")
     g.add_argument("--data_root", default="data", help="folder holding <dataset>/ made by process_data/")
     g.add_argument("--dataset", default="vaihingen", choices=["vaihingen", "potsdam"])
-    g.add_argument("--task", default="4-1", help="task name of tasks.py (4-1, 3-1s, 2-1s, 1s, offline)")
+    g.add_argument("--task", default="4-1", help="task name of tasks.py: MiCro's 4-1, 3-1s, 2-1s, 1s, offline "
+                                                 "(clutter = background) or MiB-CD's 6s, 222a, 321, mibcd-offline "
+                                                 "(synthetic background)")
     g.add_argument("--step", type=int, default=0, help="incremental step to train/test")
     g.add_argument("--overlap", "--overlapped", dest="overlap", action="store_true", default=False,
                    help="use the overlapped split instead of the disjoint one")
+    g.add_argument("--filter_mode", default=None,
+                   help="training crops of a step: MiCro's tasks disjoint|overlap (default disjoint), MiB-CD's "
+                        "split|overlap|noov (default split)")
     g.add_argument("--cross_val", action="store_true", default=False,
                    help="validate on 20%% of the step's train crops instead of the test crops")
+    g.add_argument("--val_fraction", type=float, default=None,
+                   help="validate on this seeded fraction of the step's train crops (MiB-CD: 0.1)")
+    g.add_argument("--test_unseen", default=None, choices=["background", "ignore"],
+                   help="test labels of classes not seen yet (default: background for MiB-CD's tasks, "
+                        "ignore for MiCro's)")
+    g.add_argument("--test_crops", default=None, choices=["all", "step"],
+                   help="test crops: all, or those holding a class of the step (default: step for MiB-CD's "
+                        "tasks, all for MiCro's)")
     g.add_argument("--crop_size", type=int, default=512, help="training crop size")
     _str2bool_flag(g, "--no_mask", help="at t > 0 old classes keep their labels in the training and validation "
                                         "labels instead of becoming background (MiB)")
@@ -68,9 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=40, help="epochs per step (papers: 40)")
     g.add_argument("--batch_size", type=int, default=4, help="batch size PER PROCESS")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default 0.01 at step 0, 0.001 after)")
+    g.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
+                   help="sgd (Nesterov momentum, MiB) or adamw (MiB-CD)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight_decay", type=float, default=1e-4)
-    g.add_argument("--lr_policy", default="poly", choices=["poly", "step"])
+    g.add_argument("--lr_policy", default="poly", choices=["poly", "step", "cosine"],
+                   help="per-iteration schedule; cosine anneals once over the step (MiB-CD)")
     g.add_argument("--lr_power", type=float, default=0.9, help="poly schedule power")
     g.add_argument("--lr_decay_step", type=int, default=5000, help="step policy: iterations per decay")
     g.add_argument("--lr_decay_factor", type=float, default=0.1, help="step policy: decay factor")
@@ -103,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results_dir", default="results", help="where the results CSV/JSON go")
     g.add_argument("--logdir", default="logs", help="TensorBoard root")
     g.add_argument("--val_interval", type=int, default=1, help="validate every N epochs (monitoring only)")
+    g.add_argument("--patience", type=int, default=0,
+                   help="early stopping: stop after N epochs without a better validation mIoU and keep the "
+                        "best epoch as the step checkpoint (0 = off; needs --val_fraction or --cross_val)")
     g.add_argument("--print_interval", type=int, default=10, help="log training losses every N iterations")
     g.add_argument("--sample_num", type=int, default=0, help="image|label|prediction strips logged per test")
     _str2bool_flag(g, "--debug", help="tiny runs: 2 iterations per epoch and per evaluation")
@@ -136,6 +156,7 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
     if opts.name is None:
         opts.name = opts.method
     tasks.get_task_dict(opts.dataset, opts.task, opts.step)  # UserError for unknown task / step
+    _finalize_protocol(opts)
     if opts.lr is None:
         opts.lr = 0.01 if opts.step == 0 else 0.001
     for key in ("epochs", "batch_size", "crop_size", "val_interval"):
@@ -146,3 +167,24 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
     if opts.pooling_size is not None and opts.pooling_size <= 0:
         raise UserError(f"--pooling_size must be positive (got {opts.pooling_size})")
     return opts
+
+
+def _finalize_protocol(opts: argparse.Namespace) -> None:
+    """Filter mode (--overlap is its alias for `overlap`), split suffix, validation and early stopping."""
+    mode = getattr(opts, "filter_mode", None)
+    if getattr(opts, "overlap", False):
+        if mode not in (None, "overlap"):
+            raise UserError(f"--overlap and --filter_mode {mode} contradict each other; give one of them")
+        mode = "overlap"
+    opts.filter_mode = tasks.check_filter_mode(opts.dataset, opts.task, mode)
+    opts.overlap = opts.filter_mode == "overlap"
+    opts.split_suffix = tasks.split_suffix(opts.dataset, opts.task, opts.filter_mode)
+    fraction = getattr(opts, "val_fraction", None)
+    if fraction is not None and not 0 < fraction < 1:
+        raise UserError(f"--val_fraction {fraction}: give a fraction of the training crops between 0 and 1")
+    patience = getattr(opts, "patience", 0) or 0
+    if patience < 0:
+        raise UserError(f"--patience must be 0 (off) or a number of epochs (got {patience})")
+    if patience and fraction is None and not opts.cross_val:
+        raise UserError("--patience selects the step checkpoint on validation: give --val_fraction F (MiB-CD: 0.1) "
+                        "or --cross_val so that it is not chosen on test crops")

@@ -17,22 +17,29 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 import tasks
 from argparser import parse_args
-from dataset import get_datasets, load_meta
+from dataset import data_protocol, get_datasets, load_meta
 from methods import get_method_class
-from modules import make_model
+from modules import check_checkpoint_bands, checkpoint_input_bands, make_model
 from train import Trainer
-from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from utils.colormap import CLASS_NAMES
+from utils.checkpoint import checkpoint_path, load_checkpoint, run_tag, save_checkpoint
 from utils.distributed import DistributedEvalSampler, barrier, cleanup, init_distributed
+from utils.early_stopping import EarlyStopping
 from utils.errors import UserError, exit_on_user_error
 from utils.logger import Logger
 from utils.metrics import format_table
 from utils.results import write_results
+from utils.optimizer import build_optimizer
 from utils.scheduler import build_scheduler
 
 
+def split_tag(opts):
+    """What names the run's split in file names: its suffix ('-ov', '-noov', '') or, for options built
+    without argparser, the overlap flag."""
+    return getattr(opts, "split_suffix", None) or opts.overlap
+
+
 def task_tag(opts) -> str:
-    return f"{opts.task}-{opts.dataset}{'-ov' if opts.overlap else ''}"
+    return run_tag(opts.task, opts.dataset, split_tag(opts))
 
 
 def seed_everything(seed: int) -> None:
@@ -81,6 +88,10 @@ def load_model_weights(model, checkpoint: dict, path: str, strict: bool = True) 
     if not strict and saved != expected[: len(saved)]:
         raise UserError(f"{path} holds a model with classes per step {saved}, but step {len(expected) - 1} "
                         f"needs {expected[:-1]} before it; check --task/--dataset or --step_ckpt")
+    bands = checkpoint_input_bands(state)
+    if bands is not None and bands != model.body.in_channels:
+        raise UserError(f"{path} was trained on {bands}-band images but the data has {model.body.in_channels} bands; "
+                        f"use a checkpoint and a processed dataset with the same --channels")
     missing, unexpected = model.load_state_dict(state, strict=False)
     new_classifier = f"cls.{len(expected) - 1}."
     missing = [k for k in missing if strict or not k.startswith(new_classifier)]
@@ -90,7 +101,7 @@ def load_model_weights(model, checkpoint: dict, path: str, strict: bool = True) 
 
 
 def previous_checkpoint(opts) -> tuple[str, dict]:
-    path = opts.step_ckpt or checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, opts.overlap,
+    path = opts.step_ckpt or checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts),
                                              opts.name, opts.step - 1)
     if not os.path.isfile(path):
         argv = _drop_options(opts.command_line, ("--step", "--lr"))
@@ -115,18 +126,22 @@ def _drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
 
 def test_and_report(trainer, opts, test_loader, classes, logger, meta) -> dict:
     """Final test on every test crop (all seen classes) -> console, TensorBoard, results CSV/JSON."""
-    seen = tasks.get_order(opts.dataset, opts.task)[: sum(classes)]
-    metrics, samples = trainer.evaluate(test_loader, num_classes=len(seen), sample_num=opts.sample_num)
-    step0 = tasks.get_task_labels(opts.dataset, opts.task, 0)[0]
-    results = metrics.results(old_classes=step0, new_classes=[c for c in seen if c not in step0])
-    names = [CLASS_NAMES[c] for c in seen]
+    # channels: 0 background, then the classes in task order (tasks.py); old = step 0's, new = later
+    num_seen = sum(classes)
+    metrics, samples = trainer.evaluate(test_loader, num_classes=num_seen, sample_num=opts.sample_num)
+    results = metrics.results(old_classes=list(range(classes[0])), new_classes=list(range(classes[0], num_seen)))
+    results["protocol"] = data_protocol(opts)  # label convention of the test (recorded in the JSON)
+    all_names = tasks.channel_names(opts.dataset, opts.task)
+    names = all_names[:num_seen]
     if trainer.dist.rank == 0:
         logger.add_results(results, opts.step, names)
         if samples:
             logger.add_samples("test/samples", *samples, mean=meta["mean"], std=meta["std"], step=opts.step)
-        logger.info(f"test of step {opts.step} ({task_tag(opts)}, {opts.name}):\n{format_table(results, names)}")
-        write_results(opts.results_dir, opts.dataset, opts.task, opts.overlap, opts.name, opts.step, results,
-                      CLASS_NAMES, seen, vars(opts))
+        protocol = results["protocol"]
+        logger.info(f"test of step {opts.step} ({task_tag(opts)}, {opts.name}; {protocol['test_crops']} test crops, "
+                    f"unseen classes -> {protocol['test_unseen']}):\n{format_table(results, names)}")
+        write_results(opts.results_dir, opts.dataset, opts.task, split_tag(opts), opts.name, opts.step, results,
+                      all_names, range(num_seen), vars(opts))
     return results
 
 
@@ -148,12 +163,17 @@ def run_step(opts, dist) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick the fastest kernels
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
     meta = load_meta(opts.data_root, opts.dataset)
+    opts.in_channels = int(meta.get("num_channels", 3))  # the model's input bands follow the data
+    ckpt_path = checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name, opts.step)
+    loaded = (opts.ckpt or ckpt_path) if opts.test else (opts.step_ckpt or checkpoint_path(
+        opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name, opts.step - 1)) if opts.step else None
+    check_checkpoint_bands(loaded, opts.in_channels, f"{opts.dataset} under --data_root {opts.data_root} "
+                                                     f"({meta.get('channels')})")  # before anything is written
     logdir = os.path.join(opts.logdir, task_tag(opts), opts.name, f"step{opts.step}")
     logger = Logger(logdir, rank=dist.rank)
     logger.info(f"{'test' if opts.test else 'train'} step {opts.step} of {task_tag(opts)} with {opts.method} "
                 f"({opts.name}); classes per step {classes}; {dist.world_size} process(es) on {dist.device}")
     process_group = torch.distributed.group.WORLD if dist.distributed else None
-    ckpt_path = checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, opts.overlap, opts.name, opts.step)
 
     # Weights come from ImageNet only at step 0 training; otherwise from step checkpoints.
     use_imagenet = opts.step == 0 and not opts.test and not opts.no_pretrained
@@ -202,8 +222,8 @@ def run_step(opts, dist) -> dict:
                 f"{len(test_set)} test")
 
     params = model.optimizer_parameters(freeze_body=opts.freeze)
-    optimizer = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, nesterov=True,
-                                weight_decay=opts.weight_decay)
+    optimizer = build_optimizer(opts.optimizer, params, lr=opts.lr, weight_decay=opts.weight_decay,
+                                momentum=opts.momentum)
     iters_per_epoch = len(train_loader) if not opts.debug else min(len(train_loader), 2)
     scheduler = build_scheduler(opts.lr_policy, optimizer, max_iters=opts.epochs * iters_per_epoch,
                                 power=opts.lr_power, step_size=opts.lr_decay_step, gamma=opts.lr_decay_factor)
@@ -214,21 +234,47 @@ def run_step(opts, dist) -> dict:
     trainer = Trainer(train_model, old_model, method, optimizer, scheduler, opts, dist, logger)
 
     num_seen = sum(classes)
+    stopper = EarlyStopping(opts.patience) if opts.patience else None
+    epochs_run = opts.epochs
     for epoch in range(opts.epochs):
         trainer.train_epoch(train_loader, epoch)
-        if val_loader is not None and (epoch + 1) % opts.val_interval == 0 and epoch + 1 < opts.epochs:
+        last = epoch + 1 == opts.epochs
+        # with --patience every validation counts (the last epoch's too); without, it is monitoring only
+        if val_loader is not None and (epoch + 1) % opts.val_interval == 0 and (stopper is not None or not last):
             metrics, _ = trainer.evaluate(val_loader, num_classes=num_seen)
             # validation labels hold only background and the step's classes (DESIGN 3.5)
             miou = metrics.results(old_classes=list(range(num_seen)), new_classes=[])["miou_all_bg"]
-            logger.add_scalar("val/mIoU", miou, epoch + 1)
-            logger.info(f"validation (monitoring only) after epoch {epoch + 1}: mIoU {100 * miou:.2f}")
+            if miou is not None:  # None: empty validation set
+                logger.add_scalar("val/mIoU", miou, epoch + 1)
+            shown = "x" if miou is None else f"{100 * miou:.2f}"
+            if stopper is None:
+                logger.info(f"validation (monitoring only) after epoch {epoch + 1}: mIoU {shown}")
+                continue
+            improved = stopper.update(epoch + 1, miou, model)
+            logger.info(f"validation after epoch {epoch + 1}: mIoU {shown}"
+                        + (" (best so far: weights kept)" if improved else
+                           f" (best {100 * (stopper.best_score or 0):.2f} at epoch {stopper.best_epoch})"))
+            if stopper.should_stop and not last:
+                epochs_run = epoch + 1
+                logger.info(f"early stopping after epoch {epoch + 1}: {opts.patience} epoch(s) without a better "
+                            f"validation mIoU")
+                break
+    if stopper is not None:
+        if stopper.restore_best(model):
+            logger.info(f"kept the weights of epoch {stopper.best_epoch} (best validation mIoU "
+                        f"{100 * stopper.best_score:.2f}, --patience {opts.patience}) as the step checkpoint, which "
+                        f"the test below and the next step use; optimizer, scheduler and method state are those "
+                        f"of the last epoch trained ({epochs_run})")
+        else:
+            logger.info("no validation gave a mIoU: the step checkpoint holds the last epoch")
 
     if dist.rank == 0:
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "epoch": opts.epochs,
+            "epoch": stopper.best_epoch if stopper is not None and stopper.best_epoch else epochs_run,
+            "epochs_run": epochs_run,
             "method_state": method.state_dict(),
             "classes": classes,
             "step": opts.step,

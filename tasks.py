@@ -1,12 +1,26 @@
-"""Incremental task dictionaries per dataset (DESIGN §3.2) and the helpers that read them.
+"""Incremental tasks per dataset, in two families with their own label convention (DESIGN §3.2).
 
-A task maps each step to the classes it introduces. Class indices are those of DESIGN §3.1
-(0 clutter/background, 1 impervious, 2 building, 3 low vegetation, 4 tree, 5 car); the model's
-channel index of a class is its position in the task order (`get_order`).
+A task maps each step to the ISPRS classes it introduces (0 clutter, 1 impervious surfaces,
+2 building, 3 low vegetation, 4 tree, 5 car; utils/colormap.py). The family fixes what the
+model's channel 0 (background) is:
+
+- MiCro's family (`TASKS`: 4-1, 3-1s, 2-1s, 1s, offline): clutter is the background class;
+  channel = position of the class in the task order (`get_order`).
+- MiB-CD's family (`MIBCD_TASKS`: 6s, 222a, 321, mibcd-offline): every ISPRS class, clutter
+  included, is learnable; channel 0 is a synthetic background that absorbs everything not (yet)
+  learned, then the classes follow in step order (channel = 1 + position).
+
+The raw-class helpers (`get_task_labels`, `get_order`) never list the synthetic background;
+the channel helpers (`get_per_task_classes`, `channel_of`, `channel_names`) do.
 """
 import operator
 
+from utils.colormap import CLASS_NAMES
 from utils.errors import UserError
+
+MICRO, MIBCD = "micro", "mibcd"
+BACKGROUND_CHANNEL = 0
+SYNTHETIC_BACKGROUND_NAME = "background"
 
 _ISPRS_TASKS = {
     "offline": {0: [0, 1, 2, 3, 4, 5]},
@@ -16,22 +30,93 @@ _ISPRS_TASKS = {
     "1s": {0: [0, 1], 1: [2], 2: [3], 3: [4], 4: [5]},
 }
 
-# Same tasks for both ISPRS datasets; separate dicts so adding a task to one leaves the other alone.
-TASKS = {
-    "vaihingen": {task: {step: list(classes) for step, classes in steps.items()}
-                  for task, steps in _ISPRS_TASKS.items()},
-    "potsdam": {task: {step: list(classes) for step, classes in steps.items()}
-                for task, steps in _ISPRS_TASKS.items()},
+# MiB-CD (Arnaudo et al., ICIAP 2021): names and step order of its tasks.
+_MIBCD_TASKS = {
+    "mibcd-offline": {0: [0, 1, 2, 3, 4, 5]},
+    "6s": {0: [2], 1: [4], 2: [1], 3: [3], 4: [5], 5: [0]},  # building, tree, imp., low veg., car, clutter
+    "222a": {0: [1, 3], 1: [2, 4], 2: [5, 0]},
+    "321": {0: [2, 4, 0], 1: [1, 3], 2: [5]},
+}
+
+# Filter modes (which training crops a step uses) per family; the first is the family's default.
+# Value: suffix of the split folder `<task><suffix>/train-<step>.npy` (and of run tags).
+FILTER_MODES = {
+    MICRO: {"disjoint": "", "overlap": "-ov"},
+    MIBCD: {"split": "", "overlap": "-ov", "noov": "-noov"},
 }
 
 
-def _task(dataset, task):
+def _copy(task_dict):
+    return {task: {step: list(classes) for step, classes in steps.items()} for task, steps in task_dict.items()}
+
+
+# Same tasks for both ISPRS datasets; separate dicts so adding a task to one leaves the other alone.
+TASKS = {"vaihingen": _copy(_ISPRS_TASKS), "potsdam": _copy(_ISPRS_TASKS)}  # MiCro's family
+MIBCD_TASKS = {"vaihingen": _copy(_MIBCD_TASKS), "potsdam": _copy(_MIBCD_TASKS)}  # MiB-CD's family
+_FAMILY_TASKS = {MICRO: TASKS, MIBCD: MIBCD_TASKS}
+
+
+def task_names(dataset):
+    """Every task of the dataset, MiCro's family first."""
+    _check_dataset(dataset)
+    return list(TASKS[dataset]) + list(MIBCD_TASKS[dataset])
+
+
+def all_tasks(dataset):
+    """{task: (family, {step: [classes]})} of both families."""
+    _check_dataset(dataset)
+    return {task: (family, steps) for family, table in _FAMILY_TASKS.items()
+            for task, steps in table[dataset].items()}
+
+
+def _check_dataset(dataset):
     if dataset not in TASKS:
         raise UserError(f"unknown dataset '{dataset}'; choose one of: {', '.join(sorted(TASKS))}")
-    if task not in TASKS[dataset]:
-        raise UserError(f"unknown task '{task}' for dataset '{dataset}'; "
-                        f"choose one of: {', '.join(TASKS[dataset])}")
-    return TASKS[dataset][task]
+
+
+def _task(dataset, task):
+    _check_dataset(dataset)
+    for table in _FAMILY_TASKS.values():
+        if task in table[dataset]:
+            return table[dataset][task]
+    raise UserError(f"unknown task '{task}' for dataset '{dataset}'; "
+                    f"choose one of: {', '.join(task_names(dataset))}")
+
+
+def family(dataset, task):
+    """'micro' (clutter is the background) or 'mibcd' (synthetic background channel 0)."""
+    _task(dataset, task)
+    return MIBCD if task in MIBCD_TASKS[dataset] else MICRO
+
+
+def synthetic_background(dataset, task):
+    return family(dataset, task) == MIBCD
+
+
+def filter_modes(dataset, task):
+    """{mode: split-folder suffix} of the task's family; the first mode is the default."""
+    return dict(FILTER_MODES[family(dataset, task)])
+
+
+def check_filter_mode(dataset, task, mode):
+    """The filter mode to use (None -> the family's default); UserError for another family's or unknown mode."""
+    modes = filter_modes(dataset, task)
+    if mode is None:
+        return next(iter(modes))
+    if mode not in modes:
+        fam = family(dataset, task)
+        other = MICRO if fam == MIBCD else MIBCD
+        known = mode in FILTER_MODES[other]
+        what = (f"belongs to {'MiB-CD' if other == MIBCD else 'MiCro'}'s tasks "
+                f"({', '.join(_FAMILY_TASKS[other][dataset])})" if known else "is unknown")
+        raise UserError(f"--filter_mode {mode} {what}; task {task} ({'MiB-CD' if fam == MIBCD else 'MiCro'}'s "
+                        f"family) takes {' or '.join(modes)}")
+    return mode
+
+
+def split_suffix(dataset, task, mode):
+    """Suffix of the split folder / run tag of a filter mode ('' for the family's default)."""
+    return filter_modes(dataset, task)[check_filter_mode(dataset, task, mode)]
 
 
 def _check_step(dataset, task, step):
@@ -53,25 +138,38 @@ def num_steps(dataset, task):
 
 
 def get_task_dict(dataset, task, step):
-    """{step: [classes]} for steps 0..step."""
+    """{step: [ISPRS classes]} for steps 0..step."""
     steps, step = _check_step(dataset, task, step)
     return {s: list(steps[s]) for s in range(step + 1)}
 
 
 def get_task_labels(dataset, task, step):
-    """(classes introduced at `step`, classes of all previous steps in task order)."""
+    """(ISPRS classes introduced at `step`, ISPRS classes of all previous steps in task order)."""
     steps, step = _check_step(dataset, task, step)
     previous = [c for s in range(step) for c in steps[s]]
     return list(steps[step]), previous
 
 
 def get_per_task_classes(dataset, task, step):
-    """Number of classes of each step 0..step (the classifier sizes of the model)."""
+    """Channels of each step 0..step (the classifier sizes); step 0 includes the synthetic background."""
     steps, step = _check_step(dataset, task, step)
-    return [len(steps[s]) for s in range(step + 1)]
+    extra = 1 if synthetic_background(dataset, task) else 0
+    return [len(steps[s]) + (extra if s == 0 else 0) for s in range(step + 1)]
 
 
 def get_order(dataset, task):
-    """All classes of the task in step order: the model's channel index of each class."""
+    """All ISPRS classes of the task in step order (without the synthetic background)."""
     steps = _task(dataset, task)
     return [c for s in sorted(steps) for c in steps[s]]
+
+
+def channel_of(dataset, task):
+    """{ISPRS class: model channel} (MiCro: position in the order; MiB-CD: 1 + position)."""
+    offset = 1 if synthetic_background(dataset, task) else 0
+    return {cls: offset + index for index, cls in enumerate(get_order(dataset, task))}
+
+
+def channel_names(dataset, task):
+    """Name of every model channel of the task (MiB-CD: 'background' first)."""
+    names = [CLASS_NAMES[c] for c in get_order(dataset, task)]
+    return ([SYNTHETIC_BACKGROUND_NAME] + names) if synthetic_background(dataset, task) else names

@@ -7,18 +7,41 @@ import tasks
 from utils.colormap import CLASS_NAMES
 from utils.errors import UserError
 
-from .incremental import IncrementalDataset, label_lut
+from .incremental import IncrementalDataset, default_unseen, label_lut
 from .isprs import ISPRSCrops, dataset_dir, load_meta
 from .transforms import eval_transform, train_transform
 
-__all__ = ["get_datasets", "load_meta", "split_file", "ISPRSCrops", "IncrementalDataset", "label_lut"]
+__all__ = ["get_datasets", "load_meta", "split_file", "data_protocol", "ISPRSCrops", "IncrementalDataset",
+           "label_lut", "default_unseen"]
 
 CROSS_VAL_FRACTION = 0.2
 
 
 def split_file(data_root, dataset, task, step, overlap):
-    """Path of the step's split file: `<task>/train-<step>.npy` (disjoint) or `<task>-ov/...`."""
-    return dataset_dir(data_root, dataset) / (task + ("-ov" if overlap else "")) / f"train-{step}.npy"
+    """Path of the step's split file `<task><suffix>/train-<step>.npy`.
+
+    overlap: a filter mode of the task's family (tasks.FILTER_MODES: suffix '' for its default,
+    '-ov' overlap, '-noov' noov) or, as before, a bool (True = overlap, False = the default).
+    """
+    mode = overlap if isinstance(overlap, str) else ("overlap" if overlap else None)
+    suffix = tasks.split_suffix(dataset, task, mode)
+    return dataset_dir(data_root, dataset) / (task + suffix) / f"train-{step}.npy"
+
+
+def data_protocol(opts):
+    """The data conventions of a run, with each family's defaults filled in:
+    {family, filter_mode, test_unseen ('background'|'ignore'), test_crops ('all'|'step'), val_fraction}."""
+    dataset, task = opts.dataset, opts.task
+    mode = getattr(opts, "filter_mode", None) or ("overlap" if getattr(opts, "overlap", False) else None)
+    synthetic = tasks.synthetic_background(dataset, task)
+    val_fraction = getattr(opts, "val_fraction", None)
+    if val_fraction is None and getattr(opts, "cross_val", False):
+        val_fraction = CROSS_VAL_FRACTION
+    return {"family": tasks.family(dataset, task),
+            "filter_mode": tasks.check_filter_mode(dataset, task, mode),
+            "test_unseen": getattr(opts, "test_unseen", None) or default_unseen(dataset, task),
+            "test_crops": getattr(opts, "test_crops", None) or ("step" if synthetic else "all"),
+            "val_fraction": val_fraction}
 
 
 def _load_split(path, n_train_crops, data_root, dataset):
@@ -39,18 +62,20 @@ def _load_split(path, n_train_crops, data_root, dataset):
 def get_datasets(opts):
     """(train, val, test) datasets of one incremental step.
 
-    opts: data_root, dataset, task, step, overlap, crop_size, cross_val, random_seed, no_mask.
-    train: the step's split file, augmented, train remapping. val (monitoring only): the test
-    crops containing a class of the step, or with cross_val 20 % of the step's train crops
-    held out (seeded); val remapping. test: every test crop, test remapping.
+    opts: data_root, dataset, task, step, overlap or filter_mode, crop_size, cross_val or
+    val_fraction, test_unseen, test_crops, random_seed, no_mask (data_protocol fills in what is missing).
+    train: the step's split file, augmented, train remapping. val: the test crops containing a
+    class of the step, or with a validation fraction that share of the step's train crops held out
+    (seeded); val remapping. test: every test crop (or, with test_crops 'step', those containing a
+    class of the step), test remapping with the test_unseen convention.
     Items are (image float32 [C, H, W] normalised, label int64 [H, W]).
     """
     data_root, dataset, task, step = opts.data_root, opts.dataset, opts.task, opts.step
-    overlap = bool(getattr(opts, "overlap", False))
+    protocol = data_protocol(opts)
     meta = load_meta(data_root, dataset)
     new_classes, _ = tasks.get_task_labels(dataset, task, step)  # validates task and step
 
-    path = split_file(data_root, dataset, task, step, overlap)
+    path = split_file(data_root, dataset, task, step, protocol["filter_mode"])
     train_base = ISPRSCrops(data_root, dataset, "train", meta)
     test_base = ISPRSCrops(data_root, dataset, "test", meta)
     indices = _load_split(path, len(train_base), data_root, dataset)
@@ -68,12 +93,18 @@ def get_datasets(opts):
               f"--crop_size {crop_size} or train with --crop_size {meta['crop_size']}", file=sys.stderr)
     mean, std = meta["mean"], meta["std"]
     masking = not getattr(opts, "no_mask", False)
-    luts = {mode: label_lut(dataset, task, step, mode, masking) for mode in ("train", "val", "test")}
+    luts = {mode: label_lut(dataset, task, step, mode, unseen=protocol["test_unseen"], masking=masking)
+            for mode in ("train", "val", "test")}
+    min_pixels = max(int(meta["split"]["min_pixels"]), 1)
+    step_test_crops = np.flatnonzero((test_base.class_pixels()[:, new_classes] >= min_pixels).any(axis=1))
 
-    if getattr(opts, "cross_val", False):
+    fraction = protocol["val_fraction"]
+    if fraction is not None:
+        if not 0 < fraction < 1:
+            raise UserError(f"--val_fraction {fraction}: give a fraction of the training crops between 0 and 1")
         rng = np.random.default_rng(getattr(opts, "random_seed", 42))
         shuffled = rng.permutation(indices)
-        n_val = int(round(CROSS_VAL_FRACTION * len(shuffled)))
+        n_val = int(round(fraction * len(shuffled)))
         if len(shuffled) >= 2:
             n_val = min(max(n_val, 1), len(shuffled) - 1)  # keep both sides non-empty
         else:
@@ -81,14 +112,12 @@ def get_datasets(opts):
         val_indices, indices = np.sort(shuffled[:n_val]), np.sort(shuffled[n_val:])
         val = IncrementalDataset(train_base, val_indices, luts["val"], eval_transform(mean, std))
     else:
-        min_pixels = max(int(meta["split"]["min_pixels"]), 1)
-        present = test_base.class_pixels()[:, new_classes] >= min_pixels
-        val_indices = np.flatnonzero(present.any(axis=1))
-        if len(val_indices) == 0:
+        if len(step_test_crops) == 0:
             print(f"warning: no test crop of {dataset} contains a class of step {step}; the "
                   f"validation set is empty", file=sys.stderr)
-        val = IncrementalDataset(test_base, val_indices, luts["val"], eval_transform(mean, std))
+        val = IncrementalDataset(test_base, step_test_crops, luts["val"], eval_transform(mean, std))
 
     train = IncrementalDataset(train_base, indices, luts["train"], train_transform(crop_size, mean, std))
-    test = IncrementalDataset(test_base, np.arange(len(test_base)), luts["test"], eval_transform(mean, std))
+    test_indices = step_test_crops if protocol["test_crops"] == "step" else np.arange(len(test_base))
+    test = IncrementalDataset(test_base, test_indices, luts["test"], eval_transform(mean, std))
     return train, val, test

@@ -1,12 +1,17 @@
 """Incremental view of a crop dataset: the crops of a split file and per-step label remapping.
 
-Remapping (DESIGN §3.5) is a 256-entry lookup table applied to the whole label at once:
-- train: classes of the current step -> their channel index; background, old and future
-  classes -> 0; 255 (and any unknown value) -> 255;
-- val: current-step classes -> index, background 0 kept; old and future classes -> 255;
-- test: every class seen up to this step -> index; future classes -> 255.
-Without masking (MiB's --no_mask) old classes keep their channel index in train and val labels too.
-Channel index = position of the class in the task order (tasks.get_order).
+Remapping (DESIGN §3.5) is a 256-entry lookup table applied to the whole label at once; the
+task's family (tasks.py) fixes the background channel 0 and the channel of every class.
+MiCro's family (clutter is the background, channel = position in the task order):
+- train: classes of the current step -> their channel; clutter, old and future classes -> 0;
+- val: current-step classes -> channel, clutter 0 kept; old and future classes -> 255;
+- test: every class seen up to this step -> channel; unseen (future) classes -> 255.
+MiB-CD's family (synthetic background 0, channel = 1 + position in the task order):
+- train and val: classes of the current step -> their channel; every other class -> 0;
+- test: every class seen up to this step -> channel; unseen classes -> 0 (background).
+`unseen` ("background" or "ignore") overrides the test convention of either family.
+255 (the eroded boundaries) and any unknown value -> 255 in every mode.
+Without masking (MiB's --no_mask) old classes keep their channel in train and val labels too.
 """
 import numpy as np
 from torch.utils.data import Dataset
@@ -15,27 +20,38 @@ import tasks
 from utils.colormap import IGNORE_INDEX
 
 MODES = ("train", "val", "test")
-BACKGROUND = 0
+UNSEEN_CONVENTIONS = ("background", "ignore")
+BACKGROUND = 0  # MiCro's background class (clutter) and the background channel of both families
 
 
-def label_lut(dataset, task, step, mode, masking=True):
-    """uint8[256] table: remapped label = lut[raw label]. masking=False keeps old classes in train/val."""
+def default_unseen(dataset, task):
+    """Test labels of classes not seen yet: MiB-CD -> background, MiCro (MiB) -> ignore."""
+    return "background" if tasks.synthetic_background(dataset, task) else "ignore"
+
+
+def label_lut(dataset, task, step, mode, unseen=None, masking=True):
+    """uint8[256] table: remapped label = lut[raw label]. `unseen` only affects mode 'test';
+    masking=False keeps old classes in train/val labels (MiB's --no_mask)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    unseen = unseen or default_unseen(dataset, task)
+    if unseen not in UNSEEN_CONVENTIONS:
+        raise ValueError(f"unseen must be one of {UNSEEN_CONVENTIONS}, not {unseen!r}")
     new, old = tasks.get_task_labels(dataset, task, step)
-    channel = {cls: index for index, cls in enumerate(tasks.get_order(dataset, task))}
+    channel = tasks.channel_of(dataset, task)
+    synthetic = tasks.synthetic_background(dataset, task)
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    if mode == "train":
-        lut[list(channel)] = 0  # background, old and future classes all become background
-        lut[new] = [channel[c] for c in new]
+    if mode == "train" or (mode == "val" and synthetic):
+        lut[list(channel)] = BACKGROUND  # background, old and future classes all become background
     elif mode == "val":
         lut[BACKGROUND] = channel[BACKGROUND]
-        lut[new] = [channel[c] for c in new]
+    else:
+        if unseen == "background":
+            lut[list(channel)] = BACKGROUND
+        new = old + new
     if mode in ("train", "val") and not masking and old:
         lut[old] = [channel[c] for c in old]
-    if mode == "test":
-        seen = old + new
-        lut[seen] = [channel[c] for c in seen]
+    lut[new] = [channel[c] for c in new]
     return lut
 
 

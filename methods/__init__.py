@@ -1,6 +1,6 @@
 """Incremental-learning methods: a registry from name to Method class; each owns its losses, presets and state."""
 from methods.base import Method, StepContext
-from methods.mib_family import EWC, FT, ILT, LWF, LWFMC, PI, RW, MiB
+from methods.mib_family import EWC, FT, ILT, LWF, LWFMC, PI, RW, UFT, MiB
 from methods.hciss import HCISS
 from methods.micro import MiCro
 from methods.mib_cd import MiBCD
@@ -8,7 +8,7 @@ from utils.errors import UserError
 
 # The registry: a new method is one file plus one entry here.
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FT, LWF, LWFMC, ILT, EWC, RW, PI, MiB, HCISS, MiCro, MiBCD)
+    cls.name: cls for cls in (FT, UFT, LWF, LWFMC, ILT, EWC, RW, PI, MiB, HCISS, MiCro, MiBCD)
 }
 ALIASES = {"MIB": "MiB", "LWFMC": "LWF-MC", "MIB-CD": "MiB-CD", "MICRO": "MiCro"}
 

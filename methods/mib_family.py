@@ -55,3 +55,10 @@ class MiB(Method):
     summary = "unbiased CE + unbiased KD + balanced classifier initialisation"
     paper = "Cermelli et al., Modeling the Background, CVPR 2020"
     presets = {"loss_kd": 10.0, "unce": True, "unkd": True, "init_balanced": True}
+
+
+class UFT(Method):
+    name = "UFT"
+    summary = "unbiased cross-entropy alone (MiB's UnCE without distillation); MiB-CD's UFT baseline"
+    paper = "Cermelli et al., CVPR 2020 (UnCE); compared as UFT in Arnaudo et al., ICIAP 2021"
+    presets = {"unce": True}

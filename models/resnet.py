@@ -69,17 +69,21 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
     """ResNet body returning the last stage's feature map (stride `output_stride`).
 
-    Attributes: out_channels (512 basic / 2048 bottleneck), output_stride.
+    Attributes: in_channels (input bands: 3 RGB/IRRG, 4 RGBIR), out_channels (512 basic / 2048
+    bottleneck), output_stride.
     """
 
-    def __init__(self, structure, bottleneck, norm_act, output_stride=16):
+    def __init__(self, structure, bottleneck, norm_act, output_stride=16, in_channels=3):
         super().__init__()
         if output_stride not in STAGE_DILATIONS:
             raise UserError(f"--output_stride {output_stride} is not supported; use one of "
                             f"{', '.join(map(str, sorted(STAGE_DILATIONS)))}")
+        if int(in_channels) < 1:
+            raise UserError(f"the input must have at least one band, got {in_channels}")
         self.output_stride = output_stride
+        self.in_channels = int(in_channels)
         self.mod1 = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)),
+            ("conv1", nn.Conv2d(self.in_channels, 64, 7, stride=2, padding=3, bias=False)),
             ("bn1", norm_act(64)),
             ("pool1", nn.MaxPool2d(3, stride=2, padding=1)),
         ]))
@@ -113,9 +117,9 @@ class ResNet(nn.Module):
         return x
 
 
-def resnet(name, norm_act, output_stride=16):
-    """Build an untrained ResNet by name (resnet18|34|50|101)."""
+def resnet(name, norm_act, output_stride=16, in_channels=3):
+    """Build an untrained ResNet by name (resnet18|34|50|101) for `in_channels` input bands."""
     if name not in ARCHITECTURES:
         raise UserError(f"--backbone {name!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
     structure, bottleneck = ARCHITECTURES[name]
-    return ResNet(structure, bottleneck, norm_act, output_stride=output_stride)
+    return ResNet(structure, bottleneck, norm_act, output_stride=output_stride, in_channels=in_channels)

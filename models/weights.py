@@ -66,11 +66,31 @@ def _is_torchvision_format(state_dict):
     return "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in state_dict)
 
 
+FIRST_CONV = "mod1.conv1.weight"
+RED_BAND = 0  # band whose ImageNet filters an extra band (the infrared of RGBIR) gets
+
+
+def inflate_first_conv(weight, in_channels, source_band=RED_BAND):
+    """[out, 3, k, k] ImageNet filters -> [out, in_channels, k, k]: the 3 bands kept, every further
+    band (RGBIR's infrared) a copy of the `source_band` (red) filters, as MiB-CD does. Unscaled."""
+    have = weight.shape[1]
+    if in_channels <= have:
+        return weight[:, :in_channels]
+    extra = weight[:, source_band:source_band + 1].expand(-1, in_channels - have, -1, -1)
+    return torch.cat([weight, extra], dim=1).contiguous()
+
+
 def load_pretrained(body, path, backbone="the backbone"):
-    """Load ImageNet weights into `body`; any key or shape mismatch is a UserError naming the file."""
+    """Load ImageNet weights into `body`; any key or shape mismatch is a UserError naming the file.
+
+    A body with more input bands than the weights (RGBIR) gets its first convolution inflated
+    (`inflate_first_conv`)."""
     state = read_state_dict(path)
     # the in-place ABN ImageNet checkpoints carry their classifier; the body has none
     state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    bands = getattr(body, "in_channels", 3)
+    if FIRST_CONV in state and state[FIRST_CONV].dim() == 4 and state[FIRST_CONV].shape[1] == 3 and bands > 3:
+        state[FIRST_CONV] = inflate_first_conv(state[FIRST_CONV], bands)
     if _is_torchvision_format(state):
         raise UserError(f"{path} holds torchvision-format ResNet weights; convert them with "
                         f"`python pretrained/convert_torchvision.py {path} <output>.pth.tar --arch <resnetXX>` "

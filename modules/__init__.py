@@ -1,5 +1,11 @@
 """Segmentation modules: the DeepLabV3 head and the incremental segmentation model (body, head, classifiers)."""
+import os
+
+import torch
+
 from models import build_backbone, norm_act_factory
+from models.weights import FIRST_CONV
+from utils.errors import UserError
 
 from .deeplab import ASPP_RATES, DeeplabV3
 from .segmentation import IncrementalSegmentationModule, classifier_prefix, is_classifier_param
@@ -11,7 +17,8 @@ def make_model(opts, classes, process_group=None):
     """Build the segmentation model of `opts` for per-step class counts `classes`.
 
     Reads opts.backbone, norm_act, output_stride, no_pretrained, pretrained (path or None),
-    pooling_size (optional). Body, head and classifiers share one norm_act builder.
+    pooling_size and in_channels (optional; input bands, default 3; run.py takes it from meta.json).
+    Body, head and classifiers share one norm_act builder.
     """
     norm_act = norm_act_factory(opts.norm_act, process_group=process_group)
     if getattr(opts, "no_pretrained", False):
@@ -19,11 +26,34 @@ def make_model(opts, classes, process_group=None):
     else:
         pretrained = getattr(opts, "pretrained", None)
     body = build_backbone(opts.backbone, norm_act=norm_act, output_stride=opts.output_stride,
-                          pretrained=pretrained)
+                          pretrained=pretrained, in_channels=getattr(opts, "in_channels", None) or 3)
     head = DeeplabV3(body.out_channels, HEAD_CHANNELS, HEAD_CHANNELS, norm_act=norm_act,
                      output_stride=opts.output_stride, pooling_size=getattr(opts, "pooling_size", None))
     return IncrementalSegmentationModule(body, head, HEAD_CHANNELS, classes)
 
 
-__all__ = ["ASPP_RATES", "DeeplabV3", "HEAD_CHANNELS", "IncrementalSegmentationModule", "classifier_prefix",
+def checkpoint_input_bands(state):
+    """Input bands of a model state dict (its first convolution), or None when it has none."""
+    weight = state.get("body." + FIRST_CONV) if isinstance(state, dict) else None
+    return int(weight.shape[1]) if weight is not None and weight.dim() == 4 else None
+
+
+def check_checkpoint_bands(path, bands, data_description):
+    """UserError when the step checkpoint at `path` was trained on another number of input bands than
+    the data (`bands`). Reads the file memory-mapped (cheap); a missing or unreadable file is left to
+    the caller's own checks."""
+    if path is None or not os.path.isfile(path):
+        return
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # noqa: BLE001 - reported by the caller's loading with the proper message
+        return
+    have = checkpoint_input_bands(checkpoint.get("model")) if isinstance(checkpoint, dict) else None
+    if have is not None and have != bands:
+        raise UserError(f"{path} was trained on {have}-band images but {data_description} has {bands} bands; "
+                        f"use a checkpoint and a processed dataset with the same --channels")
+
+
+__all__ = ["ASPP_RATES", "check_checkpoint_bands", "checkpoint_input_bands",
+           "DeeplabV3", "HEAD_CHANNELS", "IncrementalSegmentationModule", "classifier_prefix",
            "is_classifier_param", "make_model"]

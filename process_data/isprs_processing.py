@@ -1,14 +1,15 @@
 """Shared code of the ISPRS processing scripts (DESIGN §3.3-§3.4).
 
 raw archives (zipped or extracted) -> `<dst>/<dataset>/{train,test}/{images,labels}/*.png`,
-`meta.json` and the split files of every task in tasks.py.
+`meta.json` and the split files of every task in tasks.py (every filter mode of its family).
 
 Layout of the processed dataset:
 - crops are named `<tile>_<row>_<col>.png` (row/col = grid position, zero padded); the crop grid
   is stride based with the last row/column aligned to the tile edge, so every pixel is covered;
   a tile smaller than the crop is padded (image 0, label 255);
-- meta.json lists the train and test crop names SORTED; split files (`<task>/train-<step>.npy`
-  disjoint, `<task>-ov/train-<step>.npy` overlapped) are sorted int64 arrays of positions in
+- meta.json lists the train and test crop names SORTED; split files (MiCro's tasks:
+  `<task>/train-<step>.npy` disjoint, `<task>-ov/` overlapped; MiB-CD's tasks: `<task>/` split,
+  `<task>-ov/` overlap, `<task>-noov/` noov) are sorted int64 arrays of positions in
   meta["train"]["crops"];
 - per-crop class pixel counts (columns = classes 0..5 then 255) are stored so that splits can be
   regenerated (`--splits_only`) without reading any image.
@@ -334,6 +335,43 @@ def disjoint_split(presence, steps, seed):
     return [np.flatnonzero(assigned == t).astype(np.int64) for t in range(len(steps))]
 
 
+def class_balanced_split(presence, steps, seed):
+    """MiB-CD's `split` mode: a seeded, class-balanced, disjoint partition of the crops.
+
+    Crops are visited in a seeded random order; each goes to the class of the task present in it
+    that has the fewest crops so far (ties: the lower ISPRS index), and step t gets the crops
+    assigned to its classes. Crops holding no class of the task go nowhere.
+    """
+    presence = np.asarray(presence, dtype=bool)
+    task_classes = sorted(c for classes in steps for c in classes)
+    present = presence[:, task_classes]
+    order = np.random.default_rng(seed).permutation(len(presence))
+    coverage = np.zeros(len(task_classes), dtype=np.int64)
+    owner = np.full(len(presence), -1, dtype=np.int64)  # ISPRS class each crop is assigned to
+    for crop in order:  # sequential greedy: each choice depends on the previous ones
+        candidates = np.flatnonzero(present[crop])
+        if len(candidates):
+            pick = candidates[np.argmin(coverage[candidates])]
+            coverage[pick] += 1
+            owner[crop] = task_classes[pick]
+    return [np.flatnonzero(np.isin(owner, classes)).astype(np.int64) for classes in steps]
+
+
+def no_overlap_split(presence, steps):
+    """MiB-CD's `noov` mode: crops with a class of step t and no class of a later step."""
+    step_has = _step_has(presence, steps)
+    future = np.flip(np.cumsum(np.flip(step_has, axis=1), axis=1), axis=1) - step_has  # later steps present
+    return [np.flatnonzero(step_has[:, t] & (future[:, t] == 0)).astype(np.int64) for t in range(len(steps))]
+
+
+def task_splits(family, presence, steps, seed):
+    """{filter mode: per-step crop indices} of one task of a family (tasks.FILTER_MODES)."""
+    if family == task_defs.MIBCD:
+        return {"split": class_balanced_split(presence, steps, seed),
+                "overlap": overlapped_split(presence, steps), "noov": no_overlap_split(presence, steps)}
+    return {"disjoint": disjoint_split(presence, steps, seed), "overlap": overlapped_split(presence, steps)}
+
+
 def _atomic_save_npy(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -360,15 +398,16 @@ def _atomic_write_json(path, obj):
 
 
 def write_splits(dataset_dir, meta):
-    """Write the disjoint and overlapped split files of every task; returns their sizes."""
+    """Write the split files of every filter mode of every task (both families); returns their sizes."""
     dataset_dir = Path(dataset_dir)
     seed, min_pixels = meta["split"]["seed"], meta["split"]["min_pixels"]
     presence = class_presence(meta["train"]["class_pixels"], min_pixels)
     sizes = {}
-    for task, step_dict in task_defs.TASKS[meta["dataset"]].items():
+    for task, (family, step_dict) in task_defs.all_tasks(meta["dataset"]).items():
         steps = [step_dict[s] for s in sorted(step_dict)]
-        splits = {task: disjoint_split(presence, steps, seed),
-                  f"{task}-ov": overlapped_split(presence, steps)}
+        suffixes = task_defs.FILTER_MODES[family]
+        splits = {task + suffixes[mode]: per_step
+                  for mode, per_step in task_splits(family, presence, steps, seed).items()}
         for folder, per_step in splits.items():
             for step, indices in enumerate(per_step):
                 _atomic_save_npy(dataset_dir / folder / f"train-{step}.npy", np.sort(indices))
@@ -630,8 +669,12 @@ def print_report(meta):
         print("  labels: every pixel has an exact ISPRS colour")
     empty = [f"{task} step {step}" for task, sizes in meta["split"]["sizes"].items()
              for step, size in enumerate(sizes) if size == 0]
-    if empty:
-        print(f"  warning: empty split steps: {', '.join(empty)}")
+    noov = [e for e in empty if "-noov " in e]  # empty by design where a later class is almost everywhere
+    if len(noov) < len(empty):
+        print(f"  warning: empty split steps: {', '.join(e for e in empty if e not in noov)}")
+    if noov:
+        print(f"  note: MiB-CD's noov mode has no crop for {', '.join(noov)} (a class of a later step is "
+              f"in every crop holding theirs)")
     if "processing_seconds" in meta:
         print(f"  done in {meta['processing_seconds']:.1f} s")
 
@@ -647,8 +690,8 @@ def build_parser(layout):
     parser.add_argument("--test_labels", choices=("eroded", "complete"), default=None,
                         help="labels of the test crops (default: eroded when that archive is there)")
     parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the disjoint splits (default 42; with --splits_only the seed "
-                             "in meta.json)")
+                        help="seed of the disjoint and MiB-CD split partitions (default 42; with "
+                             "--splits_only the seed in meta.json)")
     parser.add_argument("--min_pixels", type=int, default=None,
                         help="pixels of a class for a crop to contain it (default 0.1%% of a crop; "
                              "with --splits_only the value in meta.json)")

@@ -114,10 +114,10 @@ def mib_label_map(dataset, task, step, mode, masking):
 @pytest.mark.parametrize("mode", ["train", "val"])
 @pytest.mark.parametrize("task,step", [("2-1s", 2), ("1s", 3), ("4-1", 1), ("2-1s", 0)])
 def test_no_mask_keeps_old_classes_in_train_and_val_labels(task, step, mode, masking):
-    lut = label_lut("vaihingen", task, step, mode, masking)
+    lut = label_lut("vaihingen", task, step, mode, masking=masking)
     want = mib_label_map("vaihingen", task, step, mode, masking)
     assert lut.tolist() == [want[v] for v in range(256)]
-    test_lut = label_lut("vaihingen", task, step, "test", masking)
+    test_lut = label_lut("vaihingen", task, step, "test", masking=masking)
     assert np.array_equal(test_lut, label_lut("vaihingen", task, step, "test"))  # test labels never masked
 
 

@@ -93,7 +93,7 @@ def test_format_table_shows_values_and_x():
     table = format_table(res, ["clutter", "impervious", "building", "low_veg"])
     lines = {line.split("  ")[0].strip(): line for line in table.splitlines()}
     assert "75.00" in lines["impervious"] and "100.00" in lines["impervious"]
-    assert lines["low_veg"].split()[1:] == ["x", "x"]
+    assert lines["low_veg"].split()[1:] == ["x", "x", "x"]  # IoU, accuracy, F1
     assert lines["mIoU all"].split()[-1] == "62.50"
     assert lines["mIoU new"].split()[-1] == "50.00"
 

@@ -256,7 +256,9 @@ def test_splits_only_regenerates_from_meta(data_root, tmp_path, capsys):
     shutil.copytree(data_root / "vaihingen", root / "vaihingen",
                     ignore=shutil.ignore_patterns("images"))  # no image needed to rebuild splits
     original = {p.relative_to(root): np.load(p) for p in root.rglob("*.npy")}
-    assert len(original) == 2 * sum(len(s) for s in tasks.TASKS["vaihingen"].values())
+    # MiCro's tasks: disjoint + overlapped; MiB-CD's: split + overlap + noov
+    assert len(original) == (2 * sum(len(s) for s in tasks.TASKS["vaihingen"].values())
+                             + 3 * sum(len(s) for s in tasks.MIBCD_TASKS["vaihingen"].values()))
     for path in original:
         (root / path).unlink()
     data_process_vaihingen.main(["--dst", str(root), "--splits_only"])

@@ -11,12 +11,18 @@ import torch
 from utils.errors import UserError
 
 
-def run_tag(task: str, dataset: str, overlap: bool) -> str:
-    """`<task>-<dataset>[-ov]`, the prefix of checkpoint names and log folders."""
-    return f"{task}-{dataset}{'-ov' if overlap else ''}"
+def split_suffix(overlap) -> str:
+    """Suffix naming a run's training split: True -> '-ov', False -> '', a string is the suffix itself
+    (tasks.split_suffix of the filter mode, e.g. '-noov')."""
+    return overlap if isinstance(overlap, str) else ("-ov" if overlap else "")
 
 
-def checkpoint_path(root, task: str, dataset: str, overlap: bool, name: str, step: int) -> Path:
+def run_tag(task: str, dataset: str, overlap) -> str:
+    """`<task>-<dataset>[-ov|-noov]`, the prefix of checkpoint names and log folders (overlap: see split_suffix)."""
+    return f"{task}-{dataset}{split_suffix(overlap)}"
+
+
+def checkpoint_path(root, task: str, dataset: str, overlap, name: str, step: int) -> Path:
     """`<root>/step/<task>-<dataset>[-ov]_<name>_<step>.pth` (root: --checkpoint_dir, default checkpoints)."""
     return Path(root) / "step" / f"{run_tag(task, dataset, overlap)}_{name}_{int(step)}.pth"
 

@@ -62,8 +62,11 @@ class Logger:
             return
         names = _names(class_names, len(results["iou"]))
         self.add_scalars({n.replace(" ", "_"): iou for n, iou in zip(names, results["iou"])}, step, f"{prefix}/iou")
-        summary_keys = ("miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc", "mean_acc")
+        summary_keys = ("miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc", "mean_acc",
+                        "f1_micro", "f1_macro")
         self.add_scalars({k: results.get(k) for k in summary_keys}, step, prefix)
+        if results.get("f1"):
+            self.add_scalars({n.replace(" ", "_"): f for n, f in zip(names, results["f1"])}, step, f"{prefix}/f1")
         self.writer.add_figure(f"{prefix}/confusion_matrix", confusion_figure(results["confusion"], names), step, close=True)
         # Indent by four spaces: TensorBoard renders text as markdown, this keeps the table monospaced.
         table = "\n".join("    " + line for line in format_table(results, names).splitlines())

@@ -47,7 +47,10 @@ class SegmentationMetrics:
     def results(self, old_classes, new_classes, background: int = 0) -> dict:
         """Metrics as fractions in [0, 1]; None where undefined (no ground truth / no new classes).
 
-        old_classes: the classes of step 0 (background included); new_classes: those added at steps 1..t.
+        old_classes: the channels of step 0 (background included); new_classes: those added at steps 1..t.
+        Per class: iou, acc, f1 (lists over channels). Summaries: miou_old/new/all and f1_macro over
+        foreground channels (background excluded), miou_all_bg and mean_acc with background,
+        overall_acc = f1_micro (pixel accuracy).
         """
         conf = self.confusion.double().cpu()
         true_pos = conf.diag()
@@ -56,6 +59,8 @@ class SegmentationMetrics:
         has_gt = gt_count > 0
         iou = torch.where(has_gt, true_pos / (gt_count + pred_count - true_pos).clamp(min=1), torch.nan)
         acc = torch.where(has_gt, true_pos / gt_count.clamp(min=1), torch.nan)
+        # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (ground truth + predicted)
+        f1 = torch.where(has_gt, 2 * true_pos / (gt_count + pred_count).clamp(min=1), torch.nan)
 
         old = [c for c in old_classes if c != background]
         new = [c for c in new_classes if c != background]
@@ -70,6 +75,10 @@ class SegmentationMetrics:
             "miou_all_bg": _nanmean(iou, seen),
             "overall_acc": float(true_pos.sum() / total) if total > 0 else None,
             "mean_acc": _nanmean(acc, seen),
+            "f1": _to_list(f1),
+            # micro F1 over all classes = pixel accuracy (every wrong pixel is one FP and one FN)
+            "f1_micro": float(true_pos.sum() / total) if total > 0 else None,
+            "f1_macro": _nanmean(f1, old + new),  # seen foreground classes, as mIoU all
             "confusion": self.confusion.cpu().tolist(),
         }
 
@@ -92,12 +101,15 @@ def _percent(value) -> str:
 
 
 def format_table(results: dict, class_names) -> str:
-    """Readable per-class IoU / accuracy table plus the old / new / all summary (percent, `x` = undefined)."""
+    """Readable per-class IoU / accuracy / F1 table plus the old / new / all summary and F1 micro / macro
+    (percent, `x` = undefined)."""
     names = [class_names[c] if c < len(class_names) else str(c) for c in range(len(results["iou"]))]
     width = max([len(n) for n in names] + [len("mIoU all+bg")])
-    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
-    lines += [f"{n:<{width}}  {_percent(i):>6}  {_percent(a):>6}" for n, i, a in zip(names, results["iou"], results["acc"])]
-    lines.append("-" * (width + 16))
+    f1 = results.get("f1") or [None] * len(names)
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}  {'F1':>6}"]
+    lines += [f"{n:<{width}}  {_percent(i):>6}  {_percent(a):>6}  {_percent(f):>6}"
+              for n, i, a, f in zip(names, results["iou"], results["acc"], f1)]
+    lines.append("-" * (width + 24))
     summary = [
         ("mIoU old", "miou_old"),
         ("mIoU new", "miou_new"),
@@ -105,6 +117,8 @@ def format_table(results: dict, class_names) -> str:
         ("mIoU all+bg", "miou_all_bg"),
         ("overall acc", "overall_acc"),
         ("mean acc", "mean_acc"),
+        ("F1 micro", "f1_micro"),
+        ("F1 macro", "f1_macro"),
     ]
-    lines += [f"{label:<{width}}  {_percent(results[key]):>6}" for label, key in summary]
+    lines += [f"{label:<{width}}  {_percent(results.get(key)):>6}" for label, key in summary]
     return "\n".join(lines)

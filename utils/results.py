@@ -5,16 +5,18 @@ import csv
 import json
 from pathlib import Path
 
-from utils.checkpoint import atomic_write
+from utils.checkpoint import atomic_write, split_suffix
 from utils.errors import UserError
 
-SUMMARY_COLUMNS = ("miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc")
+# New columns go at the end, so that readers indexing the older ones keep working.
+SUMMARY_COLUMNS = ("miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc", "f1_micro", "f1_macro")
 UNDEFINED = "x"
 
 
-def results_path(results_dir, dataset: str, task: str, overlap: bool, name: str) -> Path:
-    """`<results_dir>/<dataset>_<task>[-ov]_<name>.csv`; the JSON twin has the same stem."""
-    return Path(results_dir) / f"{dataset}_{task}{'-ov' if overlap else ''}_{name}.csv"
+def results_path(results_dir, dataset: str, task: str, overlap, name: str) -> Path:
+    """`<results_dir>/<dataset>_<task>[-ov|-noov]_<name>.csv` (overlap: bool or a split suffix, see
+    utils.checkpoint.split_suffix); the JSON twin has the same stem."""
+    return Path(results_dir) / f"{dataset}_{task}{split_suffix(overlap)}_{name}.csv"
 
 
 def _percent(value) -> str:

@@ -1,7 +1,7 @@
-"""Learning-rate schedules stepped every iteration (MiB's --lr_policy poly|step)."""
+"""Learning-rate schedules stepped every iteration (MiB's --lr_policy poly|step, MiB-CD's cosine)."""
 from __future__ import annotations
 
-from torch.optim.lr_scheduler import LRScheduler, StepLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, StepLR
 
 from utils.errors import UserError
 
@@ -35,11 +35,16 @@ class PolyLR(LRScheduler):
 
 
 def build_scheduler(name: str, optimizer, max_iters: int, power: float = 0.9, step_size: int | None = None, gamma: float = 0.1):
-    """'poly' -> PolyLR; 'step' -> StepLR every `step_size` iterations by `gamma` (MiB --lr_decay_step / --lr_decay_factor)."""
+    """'poly' -> PolyLR; 'step' -> StepLR every `step_size` iterations by `gamma` (MiB --lr_decay_step / --lr_decay_factor);
+    'cosine' -> CosineAnnealingLR over max_iters (MiB-CD)."""
     if name == "poly":
         return PolyLR(optimizer, max_iters=max_iters, power=power)
+    if name == "cosine":  # annealed once over the step's iterations, down to 0 (MiB-CD's recipe)
+        if max_iters <= 0:
+            raise ValueError(f"max_iters must be positive, got {max_iters}")
+        return CosineAnnealingLR(optimizer, T_max=int(max_iters), eta_min=0.0)
     if name == "step":
         if not step_size or step_size <= 0:
             raise UserError(f"--lr_policy step needs a positive step size in iterations (got {step_size}); set --lr_decay_step")
         return StepLR(optimizer, step_size=int(step_size), gamma=gamma)
-    raise UserError(f"--lr_policy {name!r} is unknown; use poly or step")
+    raise UserError(f"--lr_policy {name!r} is unknown; use poly, step or cosine")
