@@ -32,15 +32,15 @@ def make_optimizer(params, opts, device):
     return torch.optim.SGD(params, **kwargs)
 
 
-def compile_model(model, device):
+def compile_model(model, device, backend="inductor"):
     """torch.compile of the training model, or the model itself with one line saying why not.
 
     The compiler is tried on a tiny function first: a missing C++ compiler / Triton, or a Python
     that dynamo does not support, then costs a message instead of a crash in the first iteration."""
     try:
-        probe = torch.compile(lambda x: torch.relu(x) * 2 + 1)
+        probe = torch.compile(lambda x: torch.relu(x) * 2 + 1, backend=backend)
         probe(torch.ones(8, device=device))
-        return torch.compile(model)
+        return torch.compile(model, backend=backend)
     except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         print(f"warning: --compile: torch.compile is not available here ({reason}); training runs "

@@ -5,7 +5,8 @@ label H x W) and return the same kind; image and label always get the same geome
 draws use torch's generator, which DataLoader seeds differently in every worker.
 
 The data path keeps crops uint8 until the device: items are uint8 (image H x W x C, label H x W),
-flips and rotations are numpy views, scale-crop resamples only what lands in the crop, and
+scale-crop resamples only what lands in the crop, the training flips and rotations are folded into
+its index arrays (the standalone flip/rotation transforms return numpy views), and
 `BatchNormalize` converts and normalises the whole batch on the device. `ToTensor` + `Normalize`
 are the per-item float equivalent.
 """
@@ -124,12 +125,15 @@ def _nearest_taps(out_start, out_count, in_size, out_size):
     return np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
 
 
-def scale_crop_window(image, label, size, top, left, crop_size, ignore_index=255):
+def scale_crop_window(image, label, size, top, left, crop_size, ignore_index=255, flip_rows=False,
+                      flip_cols=False):
     """The crop [top, top + crop_size) x [left, ...) of image/label resized to `size`, padded (image 0,
     label ignore_index) where the resized image ends, computing only the pixels that land in the crop.
 
     image H x W x C (uint8 or float), label H x W. Equal to resizing the whole image (bilinear image,
     nearest label) and cutting the crop; a uint8 image is rounded back to uint8 (0.5/255 at most).
+    flip_rows / flip_cols then flip the whole crop (padding included) at no cost: the index arrays
+    are reversed instead of the pixels.
     """
     h, w = label.shape
     out_h, out_w = size
@@ -140,20 +144,25 @@ def scale_crop_window(image, label, size, top, left, crop_size, ignore_index=255
     out_label = np.full((crop_size, crop_size), ignore_index, dtype=label.dtype)
     if rows == 0 or cols == 0:
         return out_image, out_label
+    # where the valid block lands in the (possibly flipped) crop; reversed taps flip it
+    rs = slice(crop_size - rows, crop_size) if flip_rows else slice(0, rows)
+    cs = slice(crop_size - cols, crop_size) if flip_cols else slice(0, cols)
+    ry = slice(None, None, -1) if flip_rows else slice(None)
+    rx = slice(None, None, -1) if flip_cols else slice(None)
     if (out_h, out_w) == (h, w):  # scale 1: a plain copy
-        out_image[:rows, :cols] = image[top:top + rows, left:left + cols]
-        out_label[:rows, :cols] = label[top:top + rows, left:left + cols]
+        out_image[rs, cs] = image[top:top + rows, left:left + cols][ry, rx]
+        out_label[rs, cs] = label[top:top + rows, left:left + cols][ry, rx]
         return out_image, out_label
 
-    y_idx = _nearest_taps(top, rows, h, out_h)
-    x_idx = _nearest_taps(left, cols, w, out_w)
-    out_label[:rows, :cols] = label.take(y_idx, axis=0).take(x_idx, axis=1)
+    y_idx = _nearest_taps(top, rows, h, out_h)[ry]
+    x_idx = _nearest_taps(left, cols, w, out_w)[rx]
+    out_label[rs, cs] = label.take(y_idx, axis=0).take(x_idx, axis=1)
 
-    y0, y1, wy = _bilinear_taps(top, rows, h, out_h)
-    x0, x1, wx = _bilinear_taps(left, cols, w, out_w)
+    y0, y1, wy = (a[ry] for a in _bilinear_taps(top, rows, h, out_h))
+    x0, x1, wx = (a[rx] for a in _bilinear_taps(left, cols, w, out_w))
     # rows first (only the source columns the crop needs), then columns; `take` on a flattened
     # (column, channel) axis is numpy's fastest gather
-    c_lo, c_hi = int(x0[0]), int(x1[-1]) + 1
+    c_lo, c_hi = int(x0.min()), int(x1.max()) + 1
     window = image[:, c_lo:c_hi].reshape(h, -1) if image.flags.c_contiguous else \
         np.ascontiguousarray(image[:, c_lo:c_hi]).reshape(h, -1)
     top_rows = window.take(y0, axis=0).astype(np.float32)
@@ -171,7 +180,7 @@ def scale_crop_window(image, label, size, top, left, crop_size, ignore_index=255
     if image.dtype == np.uint8:
         np.rint(result, out=result)
         np.clip(result, 0, 255, out=result)
-    out_image[:rows, :cols] = result
+    out_image[rs, cs] = result
     return out_image, out_label
 
 
@@ -202,6 +211,47 @@ class RandomScaleCrop:
         image, label = scale_crop_window(image, label, size, top, left, self.crop_size, self.ignore_index)
         if as_torch:
             return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
+        return image, label
+
+
+def _transpose(image, label):
+    """Swap the two spatial axes into new contiguous arrays (per channel plane: numpy copies a 2-D
+    transpose far faster than one with 3 interleaved channels)."""
+    out = np.empty((image.shape[1], image.shape[0], image.shape[2]), dtype=image.dtype)
+    for c in range(image.shape[2]):
+        out[:, :, c] = image[:, :, c].T
+    return out, np.ascontiguousarray(label.T)
+
+
+class RandomScaleCropFlipRotate:
+    """RandomScaleCrop, RandomHorizontalFlip, RandomVerticalFlip and RandomRotation90 in one step, with
+    the same random draws in the same order (hence the same outputs): the flips, and a rotation by
+    180 degrees, are folded into the resampling's index arrays (free); 90 / 270 degrees add one
+    transpose of the uint8 crop. numpy image H x W x C and label H x W in and out.
+    """
+
+    def __init__(self, crop_size, scale=(0.5, 2.0), ignore_index=255, p_flip=0.5):
+        self.scale_crop = RandomScaleCrop(crop_size, scale, ignore_index)
+        self.p_flip = p_flip
+
+    def __call__(self, image, label):
+        sc = self.scale_crop
+        h, w = label.shape[-2:]
+        s = sc.scale[0] + (sc.scale[1] - sc.scale[0]) * torch.rand(()).item()
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        top = int(torch.randint(0, max(size[0], sc.crop_size) - sc.crop_size + 1, ()).item())
+        left = int(torch.randint(0, max(size[1], sc.crop_size) - sc.crop_size + 1, ()).item())
+        flip_cols, flip_rows = _coin(self.p_flip), _coin(self.p_flip)  # horizontal first, as in Compose
+        k = int(torch.randint(0, 4, ()).item())
+        # rot90(F, 1) = transpose(F[:, ::-1]); rot90(F, 2) = F[::-1, ::-1]; rot90(F, 3) = transpose(F[::-1])
+        if k in (1, 2):
+            flip_cols = not flip_cols
+        if k in (2, 3):
+            flip_rows = not flip_rows
+        image, label = scale_crop_window(image, label, size, top, left, sc.crop_size, sc.ignore_index,
+                                         flip_rows=flip_rows, flip_cols=flip_cols)
+        if k in (1, 3):
+            image, label = _transpose(image, label)
         return image, label
 
 
@@ -252,9 +302,10 @@ class BatchNormalize:
 
 
 def train_transform(crop_size):
-    """Training augmentation on uint8: scale-crop, flips, 90-degree rotations (views), to uint8 tensors."""
-    return Compose([RandomScaleCrop(crop_size), RandomHorizontalFlip(), RandomVerticalFlip(),
-                    RandomRotation90(), ToUint8()])
+    """Training augmentation on uint8: scale-crop, flips, 90-degree rotations, to uint8 tensors (the
+    composition RandomScaleCrop, RandomHorizontalFlip, RandomVerticalFlip, RandomRotation90, computed
+    in one pass)."""
+    return Compose([RandomScaleCropFlipRotate(crop_size), ToUint8()])
 
 
 def eval_transform():
