@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from utils.errors import UserError
 
-from .store import KINDS, STORE_VERSION, open_store_array, store_file
+from utils.crop_store import KINDS, STORE_VERSION, open_store_array, store_file
 
 META_VERSION = 1
 DATASETS = ("vaihingen", "potsdam")

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover
         return iterable
 
 import tasks as task_defs
-from dataset.store import STORE_VERSION, NpyAppender, store_file
+from utils.crop_store import STORE_VERSION, NpyAppender, store_file
 from utils.colormap import CLASS_NAMES, IGNORE_INDEX, PALETTE, count_off_palette, decode_colors
 from utils.errors import UserError, exit_on_user_error
 

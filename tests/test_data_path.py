@@ -270,7 +270,7 @@ def _assert_same_losses(a, b, rtol):
             assert x[key] == pytest.approx(y[key], rel=rtol * (1 if i == 0 else 10), abs=1e-6), (i, key)
 
 
-@pytest.mark.parametrize("method", ["MiB", "MiB-CD"])
+@pytest.mark.parametrize("method", ["MiB-CD"])  # MiB-CD: MiB plus the doubled, rotated batch
 def test_channels_last_gives_the_default_losses(data_root, tmp_path, method):
     base, _ = _trainer(data_root, tmp_path, method)
     fast, model = _trainer(data_root, tmp_path, method, ["--channels_last"])
