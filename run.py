@@ -71,7 +71,6 @@ def make_loaders(opts, dist, train_set, val_set, test_set):
     pin = dist.device.type == "cuda"
     generator = torch.Generator().manual_seed(opts.random_seed)
     workers = opts.num_workers if getattr(opts, "num_workers", None) is not None else default_num_workers(dist)
-    opts.num_workers = workers  # recorded in the results JSON and checkpoint options
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
     if workers > 0:
         common.update(prefetch_factor=4, worker_init_fn=seed_worker)

@@ -207,7 +207,7 @@ def test_default_num_workers_and_loader_settings(data_root, monkeypatch):
     assert o.num_workers is None
     train, val, test = get_datasets(o)
     train_loader, _, _ = run.make_loaders(o, one, train, val, test)
-    assert train_loader.num_workers == o.num_workers == 2 and train_loader.prefetch_factor == 4
+    assert train_loader.num_workers == 2 and train_loader.prefetch_factor == 4
     assert train_loader.persistent_workers and not train_loader.pin_memory  # pinned on CUDA only
 
     def draw(seed):  # two loaders with the same seed give the same augmented batches (2 workers)
