@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop_size", type=int, default=512, help="training crop size")
     _str2bool_flag(g, "--no_mask", help="at t > 0 old classes keep their labels in the training and validation "
                                         "labels instead of becoming background (MiB)")
-    g.add_argument("--num_workers", type=int, default=1, help="data loader workers per process")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="data loader workers per process (default: min(8, CPUs / processes on this machine))")
 
     g = parser.add_argument_group("method")
     g.add_argument("--method", default="FT", help=f"one of {', '.join(METHODS)} (sets presets)")
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--opt_level", default="O0", choices=["O0", "O1", "O2"],
                    help="O0 fp32 (paper); O1 fp16 autocast + GradScaler; O2 bf16 autocast")
     g.add_argument("--random_seed", type=int, default=42)
+    _str2bool_flag(g, "--channels_last", help="channels-last memory format for model and inputs (faster "
+                                              "convolutions on tensor-core GPUs)")
+    _str2bool_flag(g, "--compile", help="torch.compile the training model (falls back, with a message, "
+                                        "where no compiler is available)")
 
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", default="resnet101", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
@@ -166,6 +171,8 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--lr must be positive (got {opts.lr})")
     if opts.pooling_size is not None and opts.pooling_size <= 0:
         raise UserError(f"--pooling_size must be positive (got {opts.pooling_size})")
+    if opts.num_workers is not None and opts.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more (got {opts.num_workers})")
     return opts
 
 

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 import tasks
 from argparser import parse_args
-from dataset import data_protocol, get_datasets, load_meta
+from dataset import BatchNormalize, data_protocol, get_datasets, load_meta
 from methods import get_method_class
 from modules import check_checkpoint_bands, checkpoint_input_bands, make_model
-from train import Trainer
+from train import Trainer, compile_model
 from utils.checkpoint import checkpoint_path, load_checkpoint, run_tag, save_checkpoint
 from utils.distributed import DistributedEvalSampler, barrier, cleanup, init_distributed
 from utils.early_stopping import EarlyStopping
@@ -28,7 +28,7 @@ from utils.errors import UserError, exit_on_user_error
 from utils.logger import Logger
 from utils.metrics import format_table
 from utils.results import write_results
-from utils.optimizer import build_optimizer
+from utils.optimizer import make_optimizer
 from utils.scheduler import build_scheduler
 
 
@@ -48,11 +48,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_num_workers(dist) -> int:
+    """min(8, CPUs available / processes on this machine), at least 1."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size if dist.distributed else 1))
+    return max(1, min(8, available_cpus() // max(local_processes, 1)))
+
+
+def seed_worker(worker_id: int) -> None:
+    """numpy and random in a loader worker follow the worker's torch seed (set from the loader's
+    seeded generator), so augmentation is reproducible whichever RNG a transform uses."""
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def make_loaders(opts, dist, train_set, val_set, test_set):
-    """Shuffled (distributed) training loader; evaluation loaders that see every crop exactly once."""
+    """Shuffled (distributed) training loader; evaluation loaders that see every crop exactly once.
+
+    Workers: --num_workers, or min(8, CPUs / processes); on CUDA pinned memory; workers persist
+    across epochs; each worker keeps 4 batches in flight (items are cheap uint8 crops)."""
     pin = dist.device.type == "cuda"
     generator = torch.Generator().manual_seed(opts.random_seed)
-    common = dict(num_workers=opts.num_workers, pin_memory=pin, persistent_workers=opts.num_workers > 0)
+    workers = opts.num_workers if getattr(opts, "num_workers", None) is not None else default_num_workers(dist)
+    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    if workers > 0:
+        common.update(prefetch_factor=4, worker_init_fn=seed_worker)
 
     def eval_loader(ds):
         if ds is None:
@@ -73,6 +101,10 @@ def make_loaders(opts, dist, train_set, val_set, test_set):
         train_loader = DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler, drop_last=True,
                                   generator=generator, **common)
     return train_loader, eval_loader(val_set), eval_loader(test_set)
+
+
+def input_normalizer(opts, meta) -> BatchNormalize:
+    return BatchNormalize(meta["mean"], meta["std"], channels_last=getattr(opts, "channels_last", False))
 
 
 def load_model_weights(model, checkpoint: dict, path: str, strict: bool = True) -> None:
@@ -179,6 +211,8 @@ def run_step(opts, dist) -> dict:
     use_imagenet = opts.step == 0 and not opts.test and not opts.no_pretrained
     model_opts = _with(opts, no_pretrained=not use_imagenet)
     model = make_model(model_opts, classes, process_group=process_group).to(dist.device)
+    memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
 
     if opts.test:
         path = opts.ckpt or ckpt_path
@@ -189,7 +223,8 @@ def run_step(opts, dist) -> dict:
         logger.info(f"testing {path}")
         _, _, test_set = get_datasets(opts)
         _, _, test_loader = make_loaders(opts, dist, None, None, test_set)
-        trainer = Trainer(model, None, None, None, None, opts, dist, logger)
+        trainer = Trainer(model, None, None, None, None, opts, dist, logger,
+                          input_norm=input_normalizer(opts, meta))
         results = test_and_report(trainer, opts, test_loader, classes, logger, meta)
         logger.close()
         return results
@@ -203,7 +238,7 @@ def run_step(opts, dist) -> dict:
         previous_state = prev.get("method_state")
         if method.uses_old_model:
             old_model = make_model(_with(opts, no_pretrained=True), classes[:-1],
-                                   process_group=process_group).to(dist.device)
+                                   process_group=process_group).to(dist.device, memory_format=memory_format)
             load_model_weights(old_model, prev, prev_path)
             old_model.eval()
             old_model.requires_grad_(False)
@@ -222,8 +257,7 @@ def run_step(opts, dist) -> dict:
                 f"{len(test_set)} test")
 
     params = model.optimizer_parameters(freeze_body=opts.freeze)
-    optimizer = build_optimizer(opts.optimizer, params, lr=opts.lr, weight_decay=opts.weight_decay,
-                                momentum=opts.momentum)
+    optimizer = make_optimizer(params, opts, dist.device)
     iters_per_epoch = len(train_loader) if not opts.debug else min(len(train_loader), 2)
     scheduler = build_scheduler(opts.lr_policy, optimizer, max_iters=opts.epochs * iters_per_epoch,
                                 power=opts.lr_power, step_size=opts.lr_decay_step, gamma=opts.lr_decay_factor)
@@ -231,7 +265,10 @@ def run_step(opts, dist) -> dict:
     if dist.distributed:
         device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
         train_model = DistributedDataParallel(model, device_ids=device_ids)
-    trainer = Trainer(train_model, old_model, method, optimizer, scheduler, opts, dist, logger)
+    if opts.compile:
+        train_model = compile_model(train_model, dist.device)
+    trainer = Trainer(train_model, old_model, method, optimizer, scheduler, opts, dist, logger,
+                      input_norm=input_normalizer(opts, meta))
 
     num_seen = sum(classes)
     stopper = EarlyStopping(opts.patience) if opts.patience else None

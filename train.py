@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import time
 import warnings
 
@@ -19,10 +20,35 @@ from utils.metrics import SegmentationMetrics
 AMP_LEVELS = {"O0": (None, False), "O1": (torch.float16, True), "O2": (torch.bfloat16, False)}
 
 
+def compile_model(model, device, backend="inductor"):
+    """torch.compile of the training model, or the model itself with one line saying why not.
+
+    The compiler is tried on a tiny function first: a missing C++ compiler / Triton, or a Python
+    that dynamo does not support, then costs a message instead of a crash in the first iteration."""
+    try:
+        probe = torch.compile(lambda x: torch.relu(x) * 2 + 1, backend=backend)
+        probe(torch.ones(8, device=device))
+        return torch.compile(model, backend=backend)
+    except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        print(f"warning: --compile: torch.compile is not available here ({reason}); training runs "
+              f"without compilation", file=sys.stderr, flush=True)
+        return model
+
+
+def unwrap(model):
+    """The plain model under torch.compile and DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if hasattr(model, "module") else model
+
+
 class Trainer:
-    def __init__(self, model, old_model, method, optimizer, scheduler, opts, dist, logger):
-        self.model = model  # possibly DDP-wrapped: used for training forwards
-        self.module = model.module if hasattr(model, "module") else model  # for evaluation and state
+    def __init__(self, model, old_model, method, optimizer, scheduler, opts, dist, logger, input_norm=None):
+        self.model = model  # possibly DDP-wrapped and/or compiled: used for training forwards
+        self.module = unwrap(model)  # for evaluation and state
+        # uint8 N x H x W x C batches -> normalised float N x C x H x W on the device (None: batches
+        # arrive as float already)
+        self.input_norm = input_norm
         self.old_model = old_model
         self.method = method
         self.optimizer = optimizer
@@ -89,11 +115,20 @@ class Trainer:
         )
         return means
 
+    def _to_device(self, images, labels):
+        """The batch on the device: uint8 crosses the link, conversion and normalisation happen there."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True).long()
+        if self.input_norm is not None:
+            images = self.input_norm(images)
+        elif images.dtype == torch.uint8:
+            raise ValueError("uint8 batches need the Trainer's input_norm (BatchNormalize)")
+        return images, labels
+
     def _train_iteration(self, images, labels) -> dict[str, torch.Tensor]:
         """Forward, backward, the method's gradient hooks and one optimiser/schedule step.
         Returns the detached loss terms (and the method's logged values) without a host sync."""
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+        images, labels = self._to_device(images, labels)
         with self._autocast():
             terms = self.method.training_losses(self.model, self.old_model, images, labels)
         # the terms' own precision, at least fp32 (fp16/bf16 terms promoted, fp64 kept)
@@ -149,8 +184,7 @@ class Trainer:
         for i, (images, labels) in enumerate(loader):
             if i >= n_batches:
                 break
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            images, labels = self._to_device(images, labels)
             with self._autocast():
                 logits, _ = self.module(images)
             preds = logits.argmax(dim=1)

@@ -9,10 +9,10 @@ from utils.errors import UserError
 
 from .incremental import IncrementalDataset, default_unseen, label_lut
 from .isprs import ISPRSCrops, dataset_dir, load_meta
-from .transforms import eval_transform, train_transform
+from .transforms import BatchNormalize, eval_transform, train_transform
 
 __all__ = ["get_datasets", "load_meta", "split_file", "data_protocol", "ISPRSCrops", "IncrementalDataset",
-           "label_lut", "default_unseen"]
+           "label_lut", "default_unseen", "BatchNormalize"]
 
 CROSS_VAL_FRACTION = 0.2
 
@@ -68,7 +68,8 @@ def get_datasets(opts):
     class of the step, or with a validation fraction that share of the step's train crops held out
     (seeded); val remapping. test: every test crop (or, with test_crops 'step', those containing a
     class of the step), test remapping with the test_unseen convention.
-    Items are (image float32 [C, H, W] normalised, label int64 [H, W]).
+    Items are (image uint8 [H, W, C], label uint8 [H, W]); `BatchNormalize(meta["mean"], meta["std"])`
+    makes a batch of them the float32 [N, C, H, W] normalised input, on the device.
     """
     data_root, dataset, task, step = opts.data_root, opts.dataset, opts.task, opts.step
     protocol = data_protocol(opts)
@@ -88,10 +89,11 @@ def get_datasets(opts):
 
     crop_size = getattr(opts, "crop_size", None) or meta["crop_size"]
     if crop_size > meta["crop_size"]:
-        print(f"warning: --crop_size {crop_size} is larger than the processed crops "
-              f"({meta['crop_size']} px): training crops are mostly padding; process the data with "
-              f"--crop_size {crop_size} or train with --crop_size {meta['crop_size']}", file=sys.stderr)
-    mean, std = meta["mean"], meta["std"]
+        raise UserError(f"--crop_size {crop_size} is larger than the crops stored in "
+                        f"{dataset_dir(data_root, dataset) / 'meta.json'} ({meta['crop_size']} px); train "
+                        f"with --crop_size {meta['crop_size']} or process the data again with "
+                        f"`python process_data/data_process_{dataset}.py --src RAW --dst {data_root} "
+                        f"--crop_size {crop_size}`")
     masking = not getattr(opts, "no_mask", False)
     luts = {mode: label_lut(dataset, task, step, mode, unseen=protocol["test_unseen"], masking=masking)
             for mode in ("train", "val", "test")}
@@ -110,14 +112,14 @@ def get_datasets(opts):
         else:
             n_val = 0
         val_indices, indices = np.sort(shuffled[:n_val]), np.sort(shuffled[n_val:])
-        val = IncrementalDataset(train_base, val_indices, luts["val"], eval_transform(mean, std))
+        val = IncrementalDataset(train_base, val_indices, luts["val"], eval_transform())
     else:
         if len(step_test_crops) == 0:
             print(f"warning: no test crop of {dataset} contains a class of step {step}; the "
                   f"validation set is empty", file=sys.stderr)
-        val = IncrementalDataset(test_base, step_test_crops, luts["val"], eval_transform(mean, std))
+        val = IncrementalDataset(test_base, step_test_crops, luts["val"], eval_transform())
 
-    train = IncrementalDataset(train_base, indices, luts["train"], train_transform(crop_size, mean, std))
+    train = IncrementalDataset(train_base, indices, luts["train"], train_transform(crop_size))
     test_indices = step_test_crops if protocol["test_crops"] == "step" else np.arange(len(test_base))
-    test = IncrementalDataset(test_base, test_indices, luts["test"], eval_transform(mean, std))
+    test = IncrementalDataset(test_base, test_indices, luts["test"], eval_transform())
     return train, val, test

@@ -1,11 +1,12 @@
 """Process the ISPRS Potsdam archives into crops, meta.json and split files (DESIGN.md §3.4).
 
     python process_data/data_process_potsdam.py --src RAW --dst DATA_ROOT [--crop_size 512] [--stride 512]
-        [--test_labels eroded|complete] [--seed 42] [--min_pixels N] [--splits_only]
+        [--test_labels eroded|complete] [--seed 42] [--min_pixels N] [--splits_only] [--png]
         [--channels RGB|IRRG|RGBIR]   (default RGB, as in the MiCro paper)
 
 --src holds the official archives, zipped or extracted; the result goes to DATA_ROOT/potsdam/.
 --splits_only rewrites the split files from DATA_ROOT/potsdam/meta.json without reading images.
+--png also writes PNG previews of the crops (training reads the crop store, images.npy / labels.npy).
 """
 import sys
 from pathlib import Path

@@ -1,10 +1,11 @@
 """Process the ISPRS Vaihingen archives into crops, meta.json and split files (DESIGN.md §3.4).
 
     python process_data/data_process_vaihingen.py --src RAW --dst DATA_ROOT [--crop_size 512] [--stride 512]
-        [--test_labels eroded|complete] [--seed 42] [--min_pixels N] [--splits_only]
+        [--test_labels eroded|complete] [--seed 42] [--min_pixels N] [--splits_only] [--png]
 
 --src holds the official archives, zipped or extracted; the result goes to DATA_ROOT/vaihingen/.
 --splits_only rewrites the split files from DATA_ROOT/vaihingen/meta.json without reading images.
+--png also writes PNG previews of the crops (training reads the crop store, images.npy / labels.npy).
 """
 import sys
 from pathlib import Path

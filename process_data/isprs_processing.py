@@ -1,10 +1,11 @@
 """Shared code of the ISPRS processing scripts (DESIGN §3.3-§3.4).
 
-raw archives (zipped or extracted) -> `<dst>/<dataset>/{train,test}/{images,labels}/*.png`,
+raw archives (zipped or extracted) -> the crop store `<dst>/<dataset>/{train,test}/{images,labels}.npy`
+(uint8, memory-mapped by the loader; optional PNG previews `{train,test}/{images,labels}/*.png`),
 `meta.json` and the split files of every task in tasks.py (every filter mode of its family).
 
 Layout of the processed dataset:
-- crops are named `<tile>_<row>_<col>.png` (row/col = grid position, zero padded); the crop grid
+- crops are named `<tile>_<row>_<col>.png` (also the preview file name; row/col = grid position, zero padded); the crop grid
   is stride based with the last row/column aligned to the tile edge, so every pixel is covered;
   a tile smaller than the crop is padded (image 0, label 255);
 - meta.json lists the train and test crop names SORTED; split files (MiCro's tasks:
@@ -35,6 +36,7 @@ except ImportError:  # pragma: no cover
         return iterable
 
 import tasks as task_defs
+from utils.crop_store import STORE_VERSION, NpyAppender, store_file
 from utils.colormap import CLASS_NAMES, IGNORE_INDEX, PALETTE, count_off_palette, decode_colors
 from utils.errors import UserError, exit_on_user_error
 
@@ -499,7 +501,7 @@ def _check_sizes(crop_size, stride, min_pixels):
 
 
 def process_dataset(layout, src, dst, crop_size=512, stride=None, test_labels=None, seed=42,
-                    min_pixels=None, channels=None, progress=True):
+                    min_pixels=None, channels=None, progress=True, png=False):
     """Crop the raw archives of one dataset into `<dst>/<name>/`; returns meta.json's content.
 
     The result is built in a temporary sibling folder and moved into place at the end, so a
@@ -527,10 +529,10 @@ def process_dataset(layout, src, dst, crop_size=512, stride=None, test_labels=No
             raise UserError(f"cannot create --dst {dst} ({err.strerror}); choose a writable folder") from None
         shutil.rmtree(work_dir, ignore_errors=True)
         for split in ("train", "test"):
-            for kind in ("images", "labels"):
+            for kind in ("images", "labels") if png else ():
                 (work_dir / split / kind).mkdir(parents=True)
         try:
-            crops = _crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, progress)
+            crops = _crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, progress, png)
         except BaseException:
             shutil.rmtree(work_dir, ignore_errors=True)
             raise
@@ -570,8 +572,26 @@ def process_dataset(layout, src, dst, crop_size=512, stride=None, test_labels=No
     return meta
 
 
-def _crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, progress):
+def _crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, progress, png=False):
     per_split = {split: {"crops": [], "origins": [], "class_pixels": []} for split in ("train", "test")}
+    bands = NUM_BANDS[channels]
+    writers = {(split, kind): NpyAppender(store_file(work_dir, split, kind),
+                                          (crop_size, crop_size, bands) if kind == "images" else (crop_size, crop_size))
+               for split in ("train", "test") for kind in ("images", "labels")}
+    try:
+        meta = _crop_tiles_into(layout, source, tiles, work_dir, crop_size, stride, channels, progress, png,
+                                per_split, writers)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    for writer in writers.values():
+        writer.close()
+    return meta
+
+
+def _crop_tiles_into(layout, source, tiles, work_dir, crop_size, stride, channels, progress, png,
+                     per_split, writers):
     tile_info = {}
     channel_sum = np.zeros(NUM_BANDS[channels], dtype=np.float64)
     channel_sq_sum = np.zeros(NUM_BANDS[channels], dtype=np.float64)
@@ -600,8 +620,11 @@ def _crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, pr
                 image_crop = _pad_to(image_crop, crop_size, 0)
                 label_crop = _pad_to(label_crop, crop_size, IGNORE_INDEX)
                 name = crop_name(tile, r, c)
-                _save_png(image_crop, work_dir / split / "images" / name)
-                _save_png(label_crop, work_dir / split / "labels" / name)
+                writers[split, "images"].append(image_crop)
+                writers[split, "labels"].append(label_crop)
+                if png:
+                    _save_png(image_crop, work_dir / split / "images" / name)
+                    _save_png(label_crop, work_dir / split / "labels" / name)
                 entry = per_split[split]
                 entry["crops"].append(name)
                 entry["origins"].append([int(y), int(x)])
@@ -611,11 +634,13 @@ def _crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, pr
     std = np.sqrt(np.maximum(channel_sq_sum / n_train_pixels - mean ** 2, 0.0))
     meta = {"mean": mean.round(6).tolist(), "std": std.round(6).tolist(),
             "tiles": {split: [t for s, t, _, _ in tiles if s == split] for split in ("train", "test")},
-            "tile_info": tile_info}
+            "tile_info": tile_info, "store": {"version": STORE_VERSION}}
     for split, entry in per_split.items():
-        # split files index the crops in sorted name order
+        # split files index the crops in sorted name order; the store keeps the order of writing
         order = sorted(range(len(entry["crops"])), key=entry["crops"].__getitem__)
         meta[split] = {key: [values[i] for i in order] for key, values in entry.items()}
+        meta["store"][split] = {"images": f"{split}/images.npy", "labels": f"{split}/labels.npy",
+                                "rows": order}
     return meta
 
 
@@ -681,7 +706,7 @@ def print_report(meta):
 
 def build_parser(layout):
     parser = argparse.ArgumentParser(
-        description=f"Crop the ISPRS {layout.name} archives into PNG crops, meta.json and the split "
+        description=f"Crop the ISPRS {layout.name} archives into the crop store, meta.json and the split "
                     f"files of every task (DESIGN.md §3.4).")
     parser.add_argument("--src", help="folder holding the downloaded archives, zipped or extracted")
     parser.add_argument("--dst", required=True, help="data root; the dataset goes to DST/" + layout.name)
@@ -702,6 +727,8 @@ def build_parser(layout):
                             default=layout.default_channels,
                             help=f"orthophoto product to crop (default {layout.default_channels}, "
                                  f"as in the MiCro paper)")
+    parser.add_argument("--png", action="store_true",
+                        help="also write every crop as PNG previews (train|test/images|labels/*.png)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -724,7 +751,8 @@ def main_for(layout):
                                stride=args.stride, test_labels=args.test_labels,
                                seed=42 if args.seed is None else args.seed,
                                min_pixels=args.min_pixels,
-                               channels=getattr(args, "channels", None), progress=not args.quiet)
+                               channels=getattr(args, "channels", None), progress=not args.quiet,
+                               png=args.png)
         print_report(meta)
         return meta
 

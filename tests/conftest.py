@@ -25,14 +25,15 @@ def raw_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_root(raw_root, tmp_path_factory):
-    """Data root with both datasets processed at crop 64 / stride 64 (a few dozen crops each).
+    """Data root with both datasets processed at crop 64 / stride 64 (a few dozen crops each), as the
+    crop store plus PNG previews (so tests can compare the two).
 
     Shared by the whole session: treat it as read-only (copy it to change anything).
     """
     root = tmp_path_factory.mktemp("data")
     for layout in (VAIHINGEN, POTSDAM):
         process_dataset(layout, raw_root, root, crop_size=FIXTURE_CROP, stride=FIXTURE_CROP,
-                        seed=42, progress=False)
+                        seed=42, progress=False, png=True)
     return root
 
 

@@ -11,7 +11,7 @@ import torch
 import tasks
 from dataset import get_datasets, label_lut, load_meta, split_file
 from dataset.isprs import ISPRSCrops
-from dataset.transforms import (Compose, Normalize, RandomHorizontalFlip, RandomRotation90, RandomScaleCrop,
+from dataset.transforms import (BatchNormalize, Compose, Normalize, RandomHorizontalFlip, RandomRotation90, RandomScaleCrop,
                                 RandomVerticalFlip, ToTensor, eval_transform, train_transform)
 from utils.errors import UserError
 
@@ -65,9 +65,9 @@ def test_get_datasets_every_step(data_root, dataset, task, step):
         expected = np.load(split_file(data_root, dataset, task, step, overlap))
         assert np.array_equal(train.indices, expected) and len(train) > 0
         assert train.base.split == "train" and val.base.split == "test"
-        image, label = train[0]
-        assert image.dtype == torch.float32 and image.shape == (3, 48, 48)
-        assert label.dtype == torch.int64 and label.shape == (48, 48)
+        image, label = train[0]  # uint8 items: the batch is normalised on the device (BatchNormalize)
+        assert image.dtype == torch.uint8 and image.shape == (48, 48, 3)
+        assert label.dtype == torch.uint8 and label.shape == (48, 48)
         assert set(label.unique().tolist()) <= set(new) | {0, 255}
     # val: the test crops with a class of this step, labelled as validation
     counts = np.asarray(meta["test"]["class_pixels"])[:, new]
@@ -78,9 +78,10 @@ def test_get_datasets_every_step(data_root, dataset, task, step):
         image, label = dataset_view[0]
         lut = label_lut(dataset, task, step, mode)
         assert np.array_equal(label.numpy(), lut[raw_label])
-        norm = (torch.from_numpy(raw_image).permute(2, 0, 1).float() / 255
+        norm = (torch.from_numpy(np.array(raw_image)).permute(2, 0, 1).float() / 255
                 - torch.tensor(meta["mean"]).view(-1, 1, 1)) / torch.tensor(meta["std"]).view(-1, 1, 1)
-        assert torch.allclose(image, norm, atol=1e-5)
+        batch = BatchNormalize(meta["mean"], meta["std"])(image[None])
+        assert torch.equal(batch[0], norm)  # the old per-item float path, bit for bit
 
 
 def test_cross_val_holds_out_20_percent_of_the_steps_crops(data_root):
@@ -97,8 +98,9 @@ def test_cross_val_holds_out_20_percent_of_the_steps_crops(data_root):
     assert not np.array_equal(other.indices, train.indices)
 
 
-def test_isprs_crops_reads_the_pngs(data_root):
+def test_isprs_crops_reads_the_store(data_root):
     crops = ISPRSCrops(data_root, "vaihingen", "test")
+    assert crops.uses_store
     image, label = crops[len(crops) - 1]
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and label.shape == (64, 64)
     counts = np.bincount(label.ravel(), minlength=256)[[0, 1, 2, 3, 4, 5, 255]]
@@ -109,7 +111,8 @@ def test_dataloader_with_workers_and_augmentation(data_root):
     train, _, _ = get_datasets(opts(data_root, dataset="vaihingen", task="3-1s", step=1, crop_size=32))
     loader = torch.utils.data.DataLoader(train, batch_size=4, num_workers=1, shuffle=True)
     images, labels = next(iter(loader))
-    assert images.shape == (4, 3, 32, 32) and labels.shape == (4, 32, 32)
+    assert images.shape == (4, 32, 32, 3) and labels.shape == (4, 32, 32)
+    assert images.dtype == labels.dtype == torch.uint8
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -138,10 +141,13 @@ def test_errors_are_user_errors_with_the_fix(data_root, tmp_path):
         load_meta(root, "vaihingen")
 
 
-def test_damaged_crop_is_a_user_error(data_root, tmp_path):
+def test_damaged_png_crop_is_a_user_error(data_root, tmp_path):
+    """Folders processed before the crop store (PNG only): read with a hint; a damaged PNG names itself."""
     root = tmp_path / "data"
-    shutil.copytree(data_root / "potsdam", root / "potsdam")
+    shutil.copytree(data_root / "potsdam", root / "potsdam", ignore=shutil.ignore_patterns("images.npy", "labels.npy"))
     meta = json.loads((root / "potsdam" / "meta.json").read_text())
+    del meta["store"]
+    (root / "potsdam" / "meta.json").write_text(json.dumps(meta))
     (root / "potsdam" / "test" / "images" / meta["test"]["crops"][0]).write_bytes(b"junk")
     _, _, test = get_datasets(opts(root, dataset="potsdam"))
     with pytest.raises(UserError, match=meta["test"]["crops"][0]):
@@ -228,14 +234,14 @@ def test_exact_pixel_alignment_without_rescaling(channels):
 @pytest.mark.parametrize("channels", [3, 4])
 def test_full_train_transform_keeps_alignment(channels):
     image, label = block_sample(channels, size=48)
-    mean, std = [0.0] * channels, [1.0] * channels  # identity normalisation: values stay readable
-    transform = train_transform(32, mean, std)
+    transform = train_transform(32)
     seen = set()
     for seed in range(8):
         torch.manual_seed(seed)
         out_image, out_label = transform(image, label)
-        assert out_image.shape == (channels, 32, 32) and out_label.shape == (32, 32)
-        assert_aligned(out_image, out_label, channels)
+        assert out_image.shape == (32, 32, channels) and out_label.shape == (32, 32)
+        assert out_image.dtype == out_label.dtype == torch.uint8
+        assert_aligned(out_image.permute(2, 0, 1), out_label, channels)
         seen.add(out_label.numpy().tobytes())
     assert len(seen) > 4  # it really is random
 
@@ -251,11 +257,20 @@ def test_scale_crop_pads_labels_with_ignore():
 
 def test_normalize_and_pickling():
     image, label = block_sample(4)
-    transform = eval_transform([0.5, 0.5, 0.5, 0.2], [0.25, 0.25, 0.25, 0.5])
+    transform = eval_transform()
     out, out_label = pickle.loads(pickle.dumps(transform))(image, label)
-    mean, std = torch.tensor([0.5, 0.5, 0.5, 0.2]).view(-1, 1, 1), torch.tensor([0.25, 0.25, 0.25, 0.5]).view(-1, 1, 1)
-    expected = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - mean) / std
-    assert torch.allclose(out, expected) and torch.equal(out_label, torch.from_numpy(label).long())
-    assert isinstance(pickle.loads(pickle.dumps(train_transform(32, [0.5] * 3, [0.2] * 3))), Compose)
+    assert torch.equal(out, torch.from_numpy(image)) and torch.equal(out_label, torch.from_numpy(label))
+    mean, std = [0.5, 0.5, 0.5, 0.2], [0.25, 0.25, 0.25, 0.5]
+    expected = Normalize(mean, std)(*ToTensor()(image, label))[0]
+    for channels_last in (False, True):
+        batch = pickle.loads(pickle.dumps(BatchNormalize(mean, std, channels_last)))(torch.stack([out, out]))
+        assert batch.dtype == torch.float32 and batch.shape == (2, 4, 40, 40)
+        assert torch.equal(batch[1], expected)  # same operations as the per-item path: bit for bit
+        assert batch.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert BatchNormalize(mean, std)(expected[None]) is not None  # float batches pass through
+    assert torch.equal(BatchNormalize(mean, std)(expected[None])[0], expected)
+    assert isinstance(pickle.loads(pickle.dumps(train_transform(32))), Compose)
     with pytest.raises(ValueError, match="4 channels"):
         Normalize([0.5] * 3, [0.2] * 3)(*ToTensor()(image, label))
+    with pytest.raises(ValueError, match="4 channels"):
+        BatchNormalize([0.5] * 3, [0.2] * 3)(torch.stack([out]))

@@ -254,7 +254,7 @@ def test_disjoint_split_deterministic_balanced_and_seeded():
 def test_splits_only_regenerates_from_meta(data_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(data_root / "vaihingen", root / "vaihingen",
-                    ignore=shutil.ignore_patterns("images"))  # no image needed to rebuild splits
+                    ignore=shutil.ignore_patterns("images", "images.npy", "labels.npy"))  # no image needed
     original = {p.relative_to(root): np.load(p) for p in root.rglob("*.npy")}
     # MiCro's tasks: disjoint + overlapped; MiB-CD's: split + overlap + noov
     assert len(original) == (2 * sum(len(s) for s in tasks.TASKS["vaihingen"].values())
@@ -292,17 +292,17 @@ def test_processing_from_zips_equals_processing_from_folders(tmp_path):
                             channels=channels, progress=False)
         for split in ("train", "test"):
             assert a[split] == b[split] and len(a[split]["crops"]) > 0
-            for name in a[split]["crops"]:
-                for kind in ("images", "labels"):
-                    assert np.array_equal(read_png(tmp_path / "out_f" / dataset / split / kind / name),
-                                          read_png(tmp_path / "out_z" / dataset / split / kind / name))
+            assert a["store"] == b["store"]
+            for kind in ("images", "labels"):
+                assert np.array_equal(np.load(tmp_path / "out_f" / dataset / split / f"{kind}.npy"),
+                                      np.load(tmp_path / "out_z" / dataset / split / f"{kind}.npy"))
         assert a["test_labels"] == b["test_labels"] == "eroded"
         assert "zip:" in b["tile_info"][b["tiles"]["train"][0]]["image"]
 
 
 def test_potsdam_rgbir_gives_4_channel_pngs(raw_root, tmp_path):
     meta = process_dataset(POTSDAM, raw_root, tmp_path, crop_size=96, channels="RGBIR",
-                           test_labels="complete", progress=False)
+                           test_labels="complete", progress=False, png=True)
     assert meta["channels"] == "RGBIR" and meta["num_channels"] == 4
     assert len(meta["mean"]) == len(meta["std"]) == 4
     assert meta["test_labels"] == "complete"
@@ -315,13 +315,15 @@ def test_potsdam_rgbir_gives_4_channel_pngs(raw_root, tmp_path):
     y, x = meta["train"]["origins"][0]
     nir = tifffile.imread(raw_root / "3_Ortho_IRRG" / f"top_potsdam_{tile}_IRRG.tif")[..., 0]
     assert np.array_equal(crop[..., 3], nir[y:y + 96, x:x + 96])
+    stored = np.load(tmp_path / "potsdam" / "train" / "images.npy")
+    assert stored.shape[1:] == (96, 96, 4) and np.array_equal(stored[meta["store"]["train"]["rows"][0]], crop)
     from types import SimpleNamespace
 
     from dataset import get_datasets
     train, val, test = get_datasets(SimpleNamespace(data_root=str(tmp_path), dataset="potsdam", task="offline",
                                                     step=0, overlap=False, crop_size=32, cross_val=False,
                                                     random_seed=0))
-    assert train[0][0].shape == (4, 32, 32) and test[0][0].shape == (4, 96, 96)
+    assert train[0][0].shape == (32, 32, 4) and test[0][0].shape == (96, 96, 4)  # uint8 H x W x C items
 
 
 def test_missing_eroded_archive_falls_back_to_complete(raw_root, tmp_path, capsys):

@@ -180,15 +180,32 @@ def test_torch_distributed_launch_with_local_rank(chained, data_root, tmp_path, 
 
 
 def test_corrupt_image_in_a_worker_is_one_line(data_root, tmp_path, capsys):
-    """A damaged crop read inside a DataLoader worker process still ends in one clear line."""
+    """A damaged crop read inside a DataLoader worker process still ends in one clear line (PNG crops
+    of a folder processed before the crop store: those are decoded in the workers)."""
+    import json
     import shutil
 
     broken = tmp_path / "data"
-    shutil.copytree(data_root / "vaihingen", broken / "vaihingen")
+    shutil.copytree(data_root / "vaihingen", broken / "vaihingen",
+                    ignore=shutil.ignore_patterns("images.npy", "labels.npy"))
+    meta = json.loads((broken / "vaihingen" / "meta.json").read_text())
+    del meta["store"]
+    (broken / "vaihingen" / "meta.json").write_text(json.dumps(meta))
     for image in (broken / "vaihingen" / "train" / "images").glob("*.png"):
         image.write_bytes(b"not a png")
     argv = run_args(broken, tmp_path, 0, extra=["--num_workers", "1"])
     assert_user_error(capsys, argv, "cannot read", "damaged")
+
+
+def test_truncated_crop_store_is_one_line(data_root, tmp_path, capsys):
+    """A truncated store file: one line naming the file and the commands that rebuild it, exit 2."""
+    import shutil
+
+    broken = tmp_path / "data"
+    shutil.copytree(data_root / "vaihingen", broken / "vaihingen")
+    path = broken / "vaihingen" / "train" / "images.npy"
+    path.write_bytes(path.read_bytes()[:-1000])
+    assert_user_error(capsys, run_args(broken, tmp_path, 0), str(path), "make_crop_store.py")
 
 
 @pytest.mark.parametrize("level", ["O1", "O2"])

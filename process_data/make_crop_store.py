@@ -1,0 +1,96 @@
+"""Convert a dataset processed into PNG crops (before the crop store existed) into the crop store.
+
+    python process_data/make_crop_store.py --data_root DATA_ROOT --dataset vaihingen|potsdam [--remove_png]
+
+Reads `DATA_ROOT/<dataset>/{train,test}/{images,labels}/*.png` in meta.json's order and writes
+`{train,test}/{images,labels}.npy`; meta.json gains its `store` entry only once both splits are
+complete, so an interrupted conversion leaves the PNG dataset as it was. The PNGs are kept as
+previews unless --remove_png.
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dataset.isprs import DATASETS, load_meta  # noqa: E402
+from utils.crop_store import STORE_VERSION, NpyAppender, store_file  # noqa: E402
+from process_data.isprs_processing import _atomic_write_json  # noqa: E402
+from utils.errors import UserError, exit_on_user_error  # noqa: E402
+
+
+def _read_png(path, shape, reprocess):
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({err}); process the raw data again with `{reprocess}`") from None
+    if array.dtype != np.uint8 or array.shape != shape:
+        raise UserError(f"{path} is {array.dtype} {array.shape}, expected uint8 {shape}; process the raw "
+                        f"data again with `{reprocess}`")
+    return array
+
+
+def convert(data_root, dataset, remove_png=False, progress=True):
+    """Write the crop store of a PNG-processed dataset; returns the updated meta.json content."""
+    meta = load_meta(data_root, dataset)
+    root = Path(data_root) / dataset
+    reprocess = f"python process_data/data_process_{dataset}.py --src RAW --dst {data_root}"
+    size, bands = int(meta["crop_size"]), int(meta["num_channels"])
+    shapes = {"images": (size, size, bands) if bands > 1 else (size, size), "labels": (size, size)}
+    store = {"version": STORE_VERSION}
+    written = []
+    try:
+        for split in ("train", "test"):
+            for kind in ("images", "labels"):
+                writer = NpyAppender(store_file(root, split, kind), (size, size, bands) if kind == "images"
+                                     else (size, size))
+                try:
+                    for i, name in enumerate(meta[split]["crops"]):
+                        array = _read_png(root / split / kind / name, shapes[kind], reprocess)
+                        writer.append(array.reshape(writer.item_shape))
+                        if progress and i % 500 == 0:
+                            print(f"\r{split} {kind}: {i}/{len(meta[split]['crops'])}", end="", file=sys.stderr)
+                except BaseException:
+                    writer.abort()
+                    raise
+                writer.close()
+                written.append(writer.path)
+            store[split] = {"images": f"{split}/images.npy", "labels": f"{split}/labels.npy",
+                            "rows": list(range(len(meta[split]["crops"])))}
+    except BaseException:
+        for path in written:  # the store is not announced in meta.json: leave no orphan file either
+            path.unlink(missing_ok=True)
+        raise
+    if progress:
+        print(file=sys.stderr)
+    meta["store"] = store
+    _atomic_write_json(root / "meta.json", meta)
+    if remove_png:
+        for split in ("train", "test"):
+            for kind in ("images", "labels"):
+                shutil.rmtree(root / split / kind, ignore_errors=True)
+    return meta
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Convert PNG crops of a processed dataset into the crop store.")
+    parser.add_argument("--data_root", required=True, help="the --dst the dataset was processed into")
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--remove_png", action="store_true", help="delete the PNG crops afterwards")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    meta = convert(args.data_root, args.dataset, remove_png=args.remove_png, progress=not args.quiet)
+    print(f"{args.dataset}: crop store written in {Path(args.data_root) / args.dataset} "
+          f"({len(meta['train']['crops'])} train / {len(meta['test']['crops'])} test crops)")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
