@@ -211,3 +211,30 @@ def test_predict_tiles_user_errors(trained, raw_root, tmp_path, capsys):
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], err
+
+
+# ---- demo figures ---------------------------------------------------------------------
+def test_richest_window_matches_brute_force():
+    figures = load_script("demo_figures")
+    label = np.random.default_rng(0).integers(0, 6, size=(20, 25)).astype(np.uint8)
+    y, x = figures.richest_window(label, [5, 3], 7)
+    counts = np.array([[np.isin(label[i:i + 7, j:j + 7], [5, 3]).sum() for j in range(19)] for i in range(14)])
+    assert counts[y, x] == counts.max()
+
+
+def test_demo_figures_table_and_pictures(trained, raw_root, data_root, tmp_path, capsys):
+    figures = load_script("demo_figures")
+    csv_path = trained / "results" / "vaihingen_4-1_FT.csv"
+    ckpt = trained / "ckpt" / "step" / "4-1-vaihingen_FT_1.pth"
+    runs = [a for name in ("FT", "Again") for a in ("--run", name, str(csv_path), str(ckpt))]
+    figures.main([*runs, "--step", "1", "--out", str(tmp_path), "--src", str(raw_root), "--data_root",
+                  str(data_root), "--region", "64"])
+    row = read_results(csv_path)[1]
+    out = capsys.readouterr().out
+    assert f"| FT | {row['miou_old']:.2f} | {row['miou_new']:.2f} | {row['miou_all']:.2f} |" in out
+    for name in ("miou.png", "predictions.png"):
+        picture = np.array(Image.open(tmp_path / name))
+        assert picture.shape[0] > 100 and picture.shape[1] > 100
+    with pytest.raises(SystemExit):
+        figures.main([*runs, "--step", "2", "--out", str(tmp_path), "--src", str(raw_root)])
+    assert "no row for step 2" in capsys.readouterr().err
