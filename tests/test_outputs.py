@@ -238,3 +238,20 @@ def test_demo_figures_table_and_pictures(trained, raw_root, data_root, tmp_path,
     with pytest.raises(SystemExit):
         figures.main([*runs, "--step", "2", "--out", str(tmp_path), "--src", str(raw_root)])
     assert "no row for step 2" in capsys.readouterr().err
+
+
+def test_demo_script_runs_end_to_end(tmp_path):
+    """scripts/demo.sh with 2 iterations per epoch: every stage runs and the table and figures appear."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", OUT=str(tmp_path / "demo"), EPOCHS0="1",
+               EPOCHS1="1", DEMO_EXTRA="--debug --num_workers 0")
+    proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["FT", "MiB", "MiCro"]
+    for name in ("miou.png", "predictions.png"):
+        assert (tmp_path / "demo" / "figures" / name).stat().st_size > 10_000
+    assert (tmp_path / "demo" / "logs" / "4-1-vaihingen" / "MiCro" / "task").is_dir()
