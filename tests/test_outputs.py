@@ -254,4 +254,4 @@ def test_demo_script_runs_end_to_end(tmp_path):
     assert [line.split("|")[1].strip() for line in table[1:]] == ["FT", "MiB", "MiCro"]
     for name in ("miou.png", "predictions.png"):
         assert (tmp_path / "demo" / "figures" / name).stat().st_size > 10_000
-    assert (tmp_path / "demo" / "logs" / "4-1-vaihingen" / "MiCro" / "task").is_dir()
+    assert (tmp_path / "demo" / "logs" / "3-1s-vaihingen" / "MiCro" / "task").is_dir()
