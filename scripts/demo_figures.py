@@ -70,7 +70,7 @@ def miou_figure(rows, title: str):
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     ax.set_xticks(positions, [name for name, _ in rows])
     ax.set_ylabel("mIoU (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 112)  # room for the legend above the bars
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8, ncol=3, frameon=False)
     fig.tight_layout()
@@ -106,15 +106,15 @@ def predictions_figure(runs, src, data_root, step: int, size: int, device):
     _, tile, image, label = best
     y, x = richest_window(label, new_classes, size)
     region = (slice(y, y + size), slice(x, x + size))
-    columns = [image[region][None, ..., :3], colorize(label[region])[None]]
+    seen = tasks.get_order(first.dataset, first.task)[: sum(first.classes)]
+    shown_label = np.where(np.isin(label, seen), label, 255)  # classes the step has not seen: black
+    columns = [image[region][None, ..., :3], colorize(shown_label[region])[None]]
     for _, model in models:
         classes = model.channel_to_class()[model.predict_logits(image).argmax(dim=0).numpy()]
         columns.append(colorize(classes[region])[None])
-    seen = tasks.get_order(first.dataset, first.task)[: sum(first.classes)]
     titles = ["image", "ground truth", *[name for name, _ in models]]
-    fig = prediction_figure(columns, titles, CLASS_NAMES, legend_classes=seen)
-    fig.suptitle(f"test tile {tile}, step {step} of task {first.task}", fontsize=10)
-    return fig
+    return prediction_figure(columns, titles, CLASS_NAMES, legend_classes=seen,
+                             title=f"test tile {tile}, step {step} of task {first.task}")
 
 
 def build_parser():

@@ -200,12 +200,13 @@ def colour_maps(label_maps) -> np.ndarray:
     return np.asarray(colorize(maps.reshape(n * h, w)), dtype=np.uint8).reshape(n, h, w, 3)
 
 
-def prediction_figure(columns, titles, class_names, legend_classes=None, ignore_label="ignored / not seen"):
+def prediction_figure(columns, titles, class_names, legend_classes=None, ignore_label="ignored / not seen",
+                      title=None):
     """Figure of rows = samples, one titled column per entry of `columns` ([N, H, W, 3] uint8 each),
     with the ISPRS legend (colour patch + name per class, black for ignored pixels) underneath.
 
     class_names: names of class indices 0..K-1 (the palette rows); legend_classes: which of them to
-    show (default all).
+    show (default all); title: an optional line above the column titles.
     """
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -215,23 +216,31 @@ def prediction_figure(columns, titles, class_names, legend_classes=None, ignore_
 
     n_rows, n_cols = len(columns[0]), len(columns)
     height, width = columns[0].shape[1:3]
-    panel = 2.2  # inches per image side
-    fig = Figure(figsize=(panel * n_cols, panel * n_rows * height / width + 0.9))
+    shown = range(min(len(class_names), len(PALETTE))) if legend_classes is None else legend_classes
+    handles = [Patch(facecolor=PALETTE[c] / 255.0, edgecolor="0.4", label=class_names[c]) for c in shown]
+    handles.append(Patch(facecolor="black", edgecolor="0.4", label=ignore_label))
+    legend_cols = min(len(handles), 4)
+    panel = 2.2  # inches per image width
+    images_h = panel * n_rows * height / width
+    legend_h = 0.25 * -(-len(handles) // legend_cols) + 0.15  # inches, one line per legend row
+    top_h = 0.3 + (0.3 if title else 0.0)
+    fig = Figure(figsize=(panel * n_cols, images_h + legend_h + top_h))
     FigureCanvasAgg(fig)
+    total_h = images_h + legend_h + top_h
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    for col, (pictures, title) in enumerate(zip(columns, titles)):
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=legend_h / total_h, top=1 - top_h / total_h,
+                        wspace=0.04, hspace=0.04)
+    for col, (pictures, column_title) in enumerate(zip(columns, titles)):
         for row in range(n_rows):
             ax = axes[row][col]
             ax.imshow(pictures[row], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(title, fontsize=10)
-    shown = range(min(len(class_names), len(PALETTE))) if legend_classes is None else legend_classes
-    handles = [Patch(facecolor=PALETTE[c] / 255.0, edgecolor="0.4", label=class_names[c]) for c in shown]
-    handles.append(Patch(facecolor="black", edgecolor="0.4", label=ignore_label))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.9 / (panel * n_rows * height / width + 0.9) + 0.02, 1, 1))
+                ax.set_title(column_title, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.05 / total_h, va="top")
+    fig.legend(handles=handles, loc="lower center", ncol=legend_cols, fontsize=8, frameon=False)
     return fig
 
 
