@@ -16,7 +16,7 @@ from utils.metrics import format_table
 
 
 def log_dir(logdir_root, task: str, dataset: str, overlap: bool, name: str) -> Path:
-    """`<logdir_root>/<task>-<dataset>[-ov]/<name>` (DESIGN.md §4)."""
+    """`<logdir_root>/<task>-<dataset>[-ov]/<name>`: the runs of one experiment (step<t>, task)."""
     return Path(logdir_root) / run_tag(task, dataset, overlap) / name
 
 
