@@ -8,9 +8,21 @@ import sys
 
 import tasks
 from methods import ALIASES, METHODS, get_method_class
-from utils.errors import UserError
+from utils.errors import UserError, print_error
 
 _PARENTHESES = re.compile(r"\s*\(([^()]*)\)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's errors as one line (no 40-line usage), printed once under a launcher, with a
+    suggestion for a misspelt option."""
+
+    def error(self, message):
+        unknown = [arg.split("=")[0] for arg in message.split(":", 1)[-1].split() if arg.startswith("--")]
+        if message.startswith("unrecognized arguments") and unknown:
+            message += did_you_mean(unknown[0], {o: o for o in self._option_string_actions})
+        print_error(f"{message} (python {self.prog} --help lists every option)")
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -75,7 +87,7 @@ def _str2bool_flag(group, *names, help):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="run.py",
         description="Train (and test) one step of a class-incremental segmentation task.",
         formatter_class=HelpFormatter,

@@ -68,8 +68,15 @@ def test_no_prefix_abbreviations(capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(["--pooling", "32"])
     assert exc.value.code == 2
-    assert "unrecognized arguments: --pooling 32" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unrecognized arguments: --pooling 32; did you mean --pooling_size? "
+                   "(python run.py --help lists every option)"]
     assert parse_args(["--pooling_size", "32"]).pooling_size == 32
+    with pytest.raises(SystemExit) as exc:  # argparse's own errors are one line too
+        parse_args(["--dataset", "vaihngen"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --dataset: invalid choice: 'vaihngen'")
 
 
 @pytest.mark.parametrize("argv,fragment", [

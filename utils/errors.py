@@ -22,15 +22,20 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            rank = os.environ.get("RANK", "0") or "0"
-            if rank != "0":
-                time.sleep(OTHER_RANKS_DELAY_S)
-                print(f"error (rank {rank}): {one_line(err)}", file=sys.stderr, flush=True)
-            else:
-                print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+            print_error(one_line(err))
             sys.exit(2)
 
     return wrapper
+
+
+def print_error(message: str) -> None:
+    """`error: <message>` on stderr; under a launcher rank 0 prints it at once, other ranks only late."""
+    rank = os.environ.get("RANK", "0") or "0"
+    if rank != "0":
+        time.sleep(OTHER_RANKS_DELAY_S)
+        print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+    else:
+        print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def one_line(err: UserError) -> str:
