@@ -1,4 +1,4 @@
-# make demo  - synthetic Vaihingen -> processing -> task 4-1 steps 0 and 1 on CPU -> old/new/all table
+# make demo  - synthetic Vaihingen -> processing -> task 3-1s steps 0 and 1 (FT, MiB, MiCro) on CPU -> table + figures
 # make test  - the pytest suite (CPU, synthetic data)
 # make lint  - ruff check (settings in pyproject.toml)
 VENV ?= .venv

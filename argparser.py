@@ -2,11 +2,85 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
+import sys
 
 import tasks
-from methods import METHODS, get_method_class
-from utils.errors import UserError
+from methods import ALIASES, METHODS, get_method_class
+from utils.errors import UserError, print_error
 from utils.optimizer import OPTIMIZERS
+
+_PARENTHESES = re.compile(r"\s*\(([^()]*)\)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's errors as one line (no 40-line usage), printed once under a launcher, with a
+    suggestion for a misspelt option."""
+
+    def error(self, message):
+        unknown = [arg.split("=")[0] for arg in message.split(":", 1)[-1].split() if arg.startswith("--")]
+        if message.startswith("unrecognized arguments") and unknown:
+            message += did_you_mean(unknown[0], {o: o for o in self._option_string_actions})
+        print_error(f"{message} (python {self.prog} --help lists every option)")
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, once: a default the help already states in
+    parentheses, e.g. `(0.7)`, is replaced by `(default: 0.7)`; on/off flags and options whose help
+    explains their default (`default ...`) are left as they are. The epilog keeps its line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default in (None, argparse.SUPPRESS) or action.nargs == 0 or not action.option_strings
+                or "default" in text.lower()):
+            return text
+        text = _PARENTHESES.sub(lambda m: _without_default(m, default), text)
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _without_default(match, default) -> str:
+    """A parenthesised remark without the default it repeats: `(0.7)` -> ``, `(100; 0 disables it)`
+    -> ` (0 disables it)`."""
+    head, _, rest = re.split(r"([;,])", match.group(1), maxsplit=1) + ["", ""][: 2 * (not re.search(r"[;,]", match.group(1)))]
+    if not _same_value(head, default):
+        return match.group(0)
+    return f" ({rest.strip()})" if rest.strip() else ""
+
+
+def _same_value(text: str, default) -> bool:
+    text = text.strip()
+    if text == str(default):
+        return True
+    try:
+        return float(text) == float(default)
+    except (TypeError, ValueError):
+        return False
+
+
+def format_presets(names=None) -> str:
+    """One line per method: the options its preset sets (applied unless given on the command line)."""
+    def option(key, value):
+        return f"--{key}" if value is True else f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}"
+
+    names = list(METHODS) if names is None else names
+    width = max(len(n) for n in names)
+    lines = []
+    for name in names:
+        shown = [option(k, v) for k, v in METHODS[name].presets.items() if v is not False]
+        lines.append(f"  {name:<{width}}  {' '.join(shown) if shown else '(none: plain cross-entropy fine-tuning)'}")
+    return "\n".join(lines)
+
+
+def did_you_mean(given: str, known) -> str:
+    """`; did you mean X?` for the closest known name (case-insensitive), or an empty string.
+    known: names, or {name: name to suggest} (aliases pointing at their canonical name)."""
+    known = known if isinstance(known, dict) else {k: k for k in known}
+    by_upper = {str(k).upper(): str(v) for k, v in known.items()}
+    close = difflib.get_close_matches(str(given).upper(), list(by_upper), n=1, cutoff=0.6)
+    return f"; did you mean {by_upper[close[0]]}?" if close else ""
 
 
 def _str2bool_flag(group, *names, help):
@@ -14,24 +88,27 @@ def _str2bool_flag(group, *names, help):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="run.py",
         description="Train (and test) one step of a class-incremental segmentation task.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,  # a prefix such as --pooling must not silently mean --pooling_size
+        epilog="method presets (each sets the options below unless they are given; --print_presets):\n"
+               + format_presets(),
     )
 
     g = parser.add_argument_group("data")
     g.add_argument("--data_root", default="data", help="folder holding <dataset>/ made by process_data/")
     g.add_argument("--dataset", default="vaihingen", choices=["vaihingen", "potsdam"])
-    g.add_argument("--task", default="4-1", help="task name of tasks.py: MiCro's 4-1, 3-1s, 2-1s, 1s, offline "
-                                                 "(clutter = background) or MiB-CD's 6s, 222a, 321, mibcd-offline "
-                                                 "(synthetic background)")
+    g.add_argument("--task", default="4-1",
+                   help=f"incremental task of tasks.py: MiCro's {', '.join(tasks.TASKS['vaihingen'])} (clutter = "
+                        f"background) or MiB-CD's {', '.join(tasks.MIBCD_TASKS['potsdam'])} (synthetic background)")
     g.add_argument("--step", type=int, default=0, help="incremental step to train/test")
     g.add_argument("--overlap", "--overlapped", dest="overlap", action="store_true", default=False,
                    help="use the overlapped split instead of the disjoint one")
     g.add_argument("--filter_mode", default=None,
-                   help="training crops of a step: MiCro's tasks disjoint|overlap (default disjoint), MiB-CD's "
-                        "split|overlap|noov (default split)")
+                   help="training crops of a step: MiCro's tasks disjoint|overlap, MiB-CD's split|overlap|noov "
+                        "(default: the first of the task's family)")
     g.add_argument("--cross_val", action="store_true", default=False,
                    help="validate on 20%% of the step's train crops instead of the test crops")
     g.add_argument("--val_fraction", type=float, default=None,
@@ -49,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data loader workers per process (default: min(8, CPUs / processes on this machine))")
 
     g = parser.add_argument_group("method")
-    g.add_argument("--method", default="FT", help=f"one of {', '.join(METHODS)} (sets presets)")
+    g.add_argument("--method", default="FT",
+                   help=f"one of {', '.join(METHODS)}, case-insensitive; sets its presets (see below)")
+    g.add_argument("--print_presets", action="store_true", default=False,
+                   help="print the options each method's preset sets (only --method's when given) and exit")
     g.add_argument("--name", default=None, help="experiment name (default: the method name)")
     g.add_argument("--loss_kd", type=float, default=0.0, help="weight of output distillation (KD / UnKD)")
     g.add_argument("--loss_de", type=float, default=0.0, help="weight of ILT feature distillation")
@@ -129,10 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="early stopping: stop after N epochs without a better validation mIoU and keep the "
                         "best epoch as the step checkpoint (0 = off; needs --val_fraction or --cross_val)")
     g.add_argument("--print_interval", type=int, default=10, help="log training losses every N iterations")
-    g.add_argument("--sample_num", type=int, default=0, help="image|label|prediction strips logged per test")
+    g.add_argument("--sample_num", type=int, default=4,
+                   help="test crops shown as image | ground truth | prediction in TensorBoard (0: none)")
     _str2bool_flag(g, "--debug", help="tiny runs: 2 iterations per epoch and per evaluation")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: the GPU of the local rank when GPUs are visible, else the CPU; it stops with an "
+                        "error when this machine has GPUs that are hidden (CUDA_VISIBLE_DEVICES). "
+                        "cpu: run on the CPU on purpose (default: auto)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help="set by torch.distributed.launch; torchrun uses the environment")
+    for action in parser._actions:  # argparse prints no help line, hence no default, for help=None
+        if action.help is None and action.option_strings and action.nargs != 0:
+            action.help = ""
+            if action.default not in (None, argparse.SUPPRESS):
+                action.help = "(default: %(default)s)"
     return parser
 
 
@@ -147,20 +237,37 @@ def _explicit_options(argv) -> set[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     opts = parser.parse_args(argv)
-    method_cls = get_method_class(opts.method)
-    opts.method = method_cls.name
     explicit = _explicit_options(argv)
+    if opts.print_presets:
+        print("method presets (each sets these options unless they are given on the command line):")
+        print(format_presets([_method_class(opts.method).name] if "method" in explicit else None))
+        sys.exit(0)
+    method_cls = _method_class(opts.method)
+    opts.method = method_cls.name
     for key, value in method_cls.presets.items():
         if key not in explicit:
             setattr(opts, key, value)
     return finalize(opts)
 
 
+def _method_class(name: str):
+    try:
+        return get_method_class(name)
+    except UserError as err:
+        raise UserError(f"{err}{did_you_mean(name, {**ALIASES, **{n: n for n in METHODS}})}") from None
+
+
 def finalize(opts: argparse.Namespace) -> argparse.Namespace:
     """Derived defaults and validation shared by every entry point."""
     if opts.name is None:
         opts.name = opts.method
-    tasks.get_task_dict(opts.dataset, opts.task, opts.step)  # UserError for unknown task / step
+    try:
+        tasks.get_task_dict(opts.dataset, opts.task, opts.step)  # UserError for unknown task / step
+    except UserError as err:
+        known = list(tasks.task_names(opts.dataset))
+        if opts.task in known:
+            raise
+        raise UserError(f"{err}{did_you_mean(opts.task, known)}") from None
     _finalize_protocol(opts)
     if opts.lr is None:
         opts.lr = 0.01 if opts.step == 0 else 0.001

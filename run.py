@@ -22,12 +22,13 @@ from methods import get_method_class
 from modules import check_checkpoint_bands, checkpoint_input_bands, make_model
 from train import Trainer, compile_model
 from utils.checkpoint import checkpoint_path, load_checkpoint, run_tag, save_checkpoint
-from utils.distributed import DistributedEvalSampler, barrier, cleanup, init_distributed
+from utils.colormap import CLASS_NAMES
+from utils.distributed import DistributedEvalSampler, barrier, cleanup, init_distributed, relaunch_command
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError, exit_on_user_error
-from utils.logger import Logger
+from utils.logger import Logger, write_task_curve
 from utils.metrics import format_table
-from utils.results import write_results
+from utils.results import read_results, write_results
 from utils.optimizer import make_optimizer
 from utils.scheduler import build_scheduler
 
@@ -139,7 +140,7 @@ def previous_checkpoint(opts) -> tuple[str, dict]:
         argv = _drop_options(opts.command_line, ("--step", "--lr"))
         previous = ["--step", str(opts.step - 1), "--lr", "0.01" if opts.step == 1 else "0.001"]
         raise UserError(f"step {opts.step - 1} checkpoint {path} not found; train it first "
-                        f"(python run.py {shlex.join(argv + previous)}) or pass --step_ckpt")
+                        f"({shlex.join(relaunch_command(argv + previous))}) or pass --step_ckpt")
     return path, load_checkpoint(path)
 
 
@@ -168,12 +169,17 @@ def test_and_report(trainer, opts, test_loader, classes, logger, meta) -> dict:
     if trainer.dist.rank == 0:
         logger.add_results(results, opts.step, names)
         if samples:
-            logger.add_samples("test/samples", *samples, mean=meta["mean"], std=meta["std"], step=opts.step)
+            images, labels, preds = samples
+            to_class = torch.from_numpy(tasks.channel_to_class(opts.dataset, opts.task)).long()  # for the palette
+            logger.add_prediction_figure("test/predictions", images, to_class[labels], to_class[preds],
+                                         meta["mean"], meta["std"], opts.step, CLASS_NAMES)
         protocol = results["protocol"]
         logger.info(f"test of step {opts.step} ({task_tag(opts)}, {opts.name}; {protocol['test_crops']} test crops, "
                     f"unseen classes -> {protocol['test_unseen']}):\n{format_table(results, names)}")
-        write_results(opts.results_dir, opts.dataset, opts.task, split_tag(opts), opts.name, opts.step, results,
-                      all_names, range(num_seen), vars(opts))
+        csv_path = write_results(opts.results_dir, opts.dataset, opts.task, split_tag(opts), opts.name, opts.step,
+                                 results, all_names, range(num_seen), vars(opts))
+        # One run per task and name: mIoU old/new/all against the step, rebuilt from the results file.
+        write_task_curve(os.path.join(opts.logdir, task_tag(opts), opts.name, "task"), read_results(csv_path))
     return results
 
 
@@ -182,7 +188,7 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_args(argv)
     opts.command_line = argv
-    dist = init_distributed(opts.local_rank)
+    dist = init_distributed(opts.local_rank, opts.device)
     try:
         return run_step(opts, dist)
     finally:
@@ -201,10 +207,12 @@ def run_step(opts, dist) -> dict:
         opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name, opts.step - 1)) if opts.step else None
     check_checkpoint_bands(loaded, opts.in_channels, f"{opts.dataset} under --data_root {opts.data_root} "
                                                      f"({meta.get('channels')})")  # before anything is written
-    logdir = os.path.join(opts.logdir, task_tag(opts), opts.name, f"step{opts.step}")
+    # --test logs into its own run below the step's, never into the training run's folder.
+    logdir = os.path.join(opts.logdir, task_tag(opts), opts.name, f"step{opts.step}", *(["test"] if opts.test else []))
     logger = Logger(logdir, rank=dist.rank)
     logger.info(f"{'test' if opts.test else 'train'} step {opts.step} of {task_tag(opts)} with {opts.method} "
-                f"({opts.name}); classes per step {classes}; {dist.world_size} process(es) on {dist.device}")
+                f"({opts.name}); classes per step {classes}; {dist.world_size} process(es) on {dist.device}"
+                + (f" ({torch.get_num_threads()} threads each)" if dist.device.type == "cpu" else ""))
     process_group = torch.distributed.group.WORLD if dist.distributed else None
 
     # Weights come from ImageNet only at step 0 training; otherwise from step checkpoints.

@@ -15,6 +15,8 @@ the channel helpers (`get_per_task_classes`, `channel_of`, `channel_names`) do.
 """
 import operator
 
+import numpy as np
+
 from utils.colormap import CLASS_NAMES
 from utils.errors import UserError
 
@@ -167,6 +169,15 @@ def channel_of(dataset, task):
     """{ISPRS class: model channel} (MiCro: position in the order; MiB-CD: 1 + position)."""
     offset = 1 if synthetic_background(dataset, task) else 0
     return {cls: offset + index for index, cls in enumerate(get_order(dataset, task))}
+
+
+def channel_to_class(dataset, task):
+    """uint8[256] lookup: model channel -> ISPRS class index (for the palette and whole-tile outputs);
+    MiB-CD's synthetic background channel and 255 map to 255."""
+    lut = np.full(256, 255, dtype=np.uint8)
+    for cls, channel in channel_of(dataset, task).items():
+        lut[channel] = cls
+    return lut
 
 
 def channel_names(dataset, task):

@@ -74,7 +74,7 @@ class HCISS(Method):
     def add_arguments(cls, parser) -> None:
         if "--hciss_threshold" in parser._option_string_actions:  # already added (e.g. by a subclass)
             return
-        group = parser.add_argument_group("HCISS", "HCISS reconstruction (METHODS.md §8)")
+        group = parser.add_argument_group("HCISS", "HCISS reconstruction (see README, Methods)")
         group.add_argument("--hciss_threshold", type=float, default=0.7,
                            help="old-model confidence needed to relabel a background pixel with its old class (0.7)")
         group.add_argument("--hciss_fgp", type=float, default=100.0,

@@ -180,7 +180,7 @@ class MiCro(Method):
     def add_arguments(cls, parser) -> None:
         if "--micro_pool" in parser._option_string_actions:  # already added (e.g. by a subclass)
             return
-        group = parser.add_argument_group("MiCro", "MiCro reconstruction (METHODS.md §9)")
+        group = parser.add_argument_group("MiCro", "MiCro reconstruction (see README, Methods)")
         group.add_argument("--micro_pool", type=int, default=2,
                            help="average-pooling factor applied to pre_logits before the MiCro losses (2); the CFRD cost grows as "
                                 "(batch·pixels/pool²)², so pool 1 costs ~16x pool 2")

@@ -32,12 +32,66 @@ def _env_int(name: str, default: int | None) -> int | None:
         raise UserError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
 
 
-def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
+def gpu_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver loaded (GPUs exist, visible or not)."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def choose_device(choice: str, local_rank: int, local_world_size: int, *, cuda_built: bool, gpu_count: int,
+                  driver_present: bool, visible_devices: str | None) -> torch.device:
+    """The device of this process for `--device auto|cuda|cpu`, or a UserError saying why not.
+
+    auto: the local rank's GPU when GPUs are visible, else the CPU, unless the machine plainly has GPUs
+    that this process cannot see (torch built with CUDA and a driver present, or CUDA_VISIBLE_DEVICES
+    set): training days on the CPU by mistake are worse than an error.
+    """
+    if choice == "cpu":
+        return torch.device("cpu")
+    if gpu_count > 0:
+        if local_world_size > gpu_count or local_rank >= gpu_count:
+            raise UserError(f"{local_world_size} process(es) on this node but only {gpu_count} GPU(s) visible "
+                            f"(CUDA_VISIBLE_DEVICES={visible_devices if visible_devices is not None else 'unset'}); "
+                            f"lower --nproc_per_node to {gpu_count}, make more GPUs visible, or pass --device cpu")
+        return torch.device("cuda", local_rank)
+    hidden = cuda_built and (driver_present or visible_devices is not None)
+    if choice == "cuda" or hidden:
+        if not cuda_built:
+            reason = "this torch is a CPU-only build; install the CUDA build of torch"
+        else:
+            shown = "unset" if visible_devices is None else repr(visible_devices)
+            reason = f"torch is built with CUDA but sees no GPU (CUDA_VISIBLE_DEVICES={shown}); check that variable"
+        raise UserError(f"no GPU available: {reason}, or pass --device cpu to run on the CPU on purpose")
+    return torch.device("cpu")
+
+
+def local_world_size(world_size: int) -> int:
+    """Processes on this node: LOCAL_WORLD_SIZE from the launcher, else all of them."""
+    return _env_int("LOCAL_WORLD_SIZE", None) or world_size
+
+
+def cpu_threads_per_process(processes_on_node: int, env=None) -> int:
+    """Threads for one of `processes_on_node` CPU processes: the cores this process may use (its CPU
+    affinity) shared out evenly, never more than OMP_NUM_THREADS when that is set."""
+    env = os.environ if env is None else env
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, processes_on_node))
+    limit = env.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        threads = min(threads, int(limit))
+    return threads
+
+
+def init_distributed(local_rank_arg: int | None = None, device: str = "auto") -> DistInfo:
     """Join the process group described by the launcher's environment, or run as one process.
 
     torchrun (and launch --use-env) set RANK / WORLD_SIZE / LOCAL_RANK; the old
     torch.distributed.launch sets RANK / WORLD_SIZE and passes --local_rank, given here as
-    `local_rank_arg`. Without WORLD_SIZE > 1 there is no process group.
+    `local_rank_arg`. Without WORLD_SIZE > 1 there is no process group. `device` is --device
+    (auto, cuda or cpu; see choose_device). On the CPU the threads of each process are sized to
+    its share of the cores (see cpu_threads_per_process).
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -45,18 +99,16 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
     if local_rank is None:
         local_rank = local_rank_arg if local_rank_arg is not None and local_rank_arg >= 0 else 0
     distributed = world_size > 1
-    use_cuda = torch.cuda.is_available()
-
+    cuda_built = torch.version.cuda is not None
+    device = choose_device(device, local_rank, local_world_size(world_size), cuda_built=cuda_built,
+                           gpu_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                           driver_present=gpu_driver_present(),
+                           visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    use_cuda = device.type == "cuda"
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(
-                f"local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) visible; "
-                "lower --nproc_per_node or check CUDA_VISIBLE_DEVICES"
-            )
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
-        device = torch.device("cpu")
+        torch.set_num_threads(cpu_threads_per_process(local_world_size(world_size)))
 
     if not distributed:
         return DistInfo(0, 1, local_rank, device, False, None)
@@ -166,3 +218,35 @@ class DistributedEvalSampler(Sampler):
 
     def set_epoch(self, epoch: int) -> None:  # same interface as DistributedSampler; order is fixed
         pass
+
+
+LOCAL_RANK_OPTIONS = ("--local_rank", "--local-rank")
+
+
+def relaunch_command(argv: list[str], script: str = "run.py", env=None) -> list[str]:
+    """The command line that started this process, as a user would type it again (for hints).
+
+    Keeps the launcher (`torchrun --nproc_per_node=N` when started by torchrun, `python -m
+    torch.distributed.launch --nproc_per_node=N` when the old launcher passed --local_rank) and drops
+    --local_rank / --local-rank, which the launcher adds itself.
+    """
+    env = os.environ if env is None else env
+    kept, skip, old_launcher = [], False, False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LOCAL_RANK_OPTIONS:
+            skip, old_launcher = True, True
+        elif arg.startswith(tuple(name + "=" for name in LOCAL_RANK_OPTIONS)):
+            old_launcher = True
+        else:
+            kept.append(arg)
+    world_size = int(env.get("WORLD_SIZE") or 1)
+    per_node = int(env.get("LOCAL_WORLD_SIZE") or world_size)
+    if world_size <= 1 and not old_launcher:
+        return ["python", script, *kept]
+    launcher = ["python", "-m", "torch.distributed.launch"] if old_launcher else ["torchrun"]
+    launcher.append(f"--nproc_per_node={per_node}")
+    if world_size > per_node:
+        launcher.append(f"--nnodes={world_size // per_node}")
+    return [*launcher, script, *kept]
