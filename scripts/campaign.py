@@ -393,8 +393,14 @@ class Campaign:
         files = []
         for run in self.runs:
             path = self.paths(run)[1]
-            if not run.shared and path.is_file() and path not in files:
-                files.append(path)
+            if run.shared or not path.is_file() or path in files:
+                continue
+            try:
+                read_results(path)
+            except UserError as err:
+                print(f"left out of the tables: {err}")
+                continue
+            files.append(path)
         return files
 
     def write_tables(self) -> None:
