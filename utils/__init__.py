@@ -1,1 +1,1 @@
-"""Shared helpers: errors, metrics, logging, schedulers, checkpoints, distributed and colour maps."""
+"""Shared helpers: errors, metrics, logging, schedulers, checkpoints, distributed, colour maps, results files and their tables/figures."""
