@@ -31,7 +31,7 @@ from argparser import parse_args  # noqa: E402
 from methods import METHODS, get_method_class  # noqa: E402
 from utils.checkpoint import checkpoint_path  # noqa: E402
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
-from utils.result_tables import DEFAULT_SEED, effective_name  # noqa: E402
+from utils.result_tables import DEFAULT_SEED, effective_name, split_seed  # noqa: E402
 from utils.results import read_results, results_path  # noqa: E402
 
 # Options the campaign sets per run: not allowed among the extra run.py options.
@@ -157,14 +157,14 @@ class Campaign:
         self.opts = opts
         self.extra = extra
         self.methods = [get_method_class(m).name for m in opts.methods]
-        if len(set(self.methods)) != len(self.methods):
-            raise UserError(f"a method is listed twice in --methods {' '.join(opts.methods)}")
+        for flag, values in (("--methods", self.methods), ("--datasets", opts.datasets), ("--tasks", opts.tasks),
+                             ("--seeds", opts.seeds), ("--splits", opts.splits or [])):
+            if len(set(values)) != len(values):
+                raise UserError(f"{flag} lists a value twice: {' '.join(map(str, values))}")
         if opts.name and len(self.methods) != 1:
             raise UserError(f"--name {opts.name} names the runs of one method; give one --methods or no --name")
-        if opts.name:
-            split_seed_name = opts.name.rsplit("-s", 1)
-            if len(split_seed_name) == 2 and split_seed_name[1].isdigit():
-                raise UserError(f"--name {opts.name} ends like a seed suffix (-s<digits>); choose another name")
+        if opts.name and split_seed(opts.name)[0] != opts.name:
+            raise UserError(f"--name {opts.name} ends like a seed suffix (-s<digits>); choose another name")
         for dataset in opts.datasets:
             for task in opts.tasks:
                 tasks.num_steps(dataset, task)  # UserError for an unknown task
@@ -243,8 +243,9 @@ class Campaign:
                                         step_ckpt = str(checkpoint_path(self.checkpoint_dir, task, dataset,
                                                                         split == "overlap", shared.effective, 0))
                                     run = self._add(dataset=dataset, split=split, task=task, seed=seed,
-                                                    method=method, name=self.opts.name or method, step=step, users=[method],
-                                                    deps=[previous.index] if previous else [], step_ckpt=step_ckpt)
+                                                    method=method, name=self.opts.name or method, step=step,
+                                                    users=[method], deps=[previous.index] if previous else [],
+                                                    step_ckpt=step_ckpt)
                                     previous = run
         self.mark_done()
 
@@ -369,11 +370,17 @@ class Campaign:
                 code = subprocess.call(self.command(run))
             except OSError as err:
                 code, run.detail = -1, str(err)
+            except KeyboardInterrupt:
+                run.status, run.detail = "failed", "interrupted"
+                self.report(time.time() - start)
+                print("interrupted: run the same command again to continue", flush=True)
+                return 130
             minutes = (time.time() - began) / 60
             if code == 0:
                 run.status, run.detail = "ok", f"{minutes:.1f} min"
             else:
-                run.status, run.detail = "failed", f"exit code {code} after {minutes:.1f} min"
+                run.status = "failed"
+                run.detail = run.detail or f"exit code {code} after {minutes:.1f} min"
                 print(f"!! run {run.index} failed ({run.detail}); independent runs continue", flush=True)
         self.report(time.time() - start)
         return 1 if any(r.status == "failed" for r in self.runs) else 0
@@ -439,7 +446,8 @@ def main(argv=None) -> int:
         campaign.emit(opts.emit_commands)
         return 0
     code = campaign.execute()
-    campaign.write_tables()
+    if code != 130:  # not after Ctrl-C
+        campaign.write_tables()
     return code
 
 

@@ -86,7 +86,8 @@ def test_plan_and_emitted_commands(data_root, tmp_path):
     for i, line in enumerate(lines):
         if "--step_ckpt" in line:
             ckpt = line.split("--step_ckpt ")[1].split()[0]
-            producer = next(j for j, l in enumerate(lines) if "--step 0" in l and Path(ckpt).stem.split("_", 1)[1][:-2] in l)
+            shared_name = Path(ckpt).stem.split("_", 1)[1][:-len("_0")]
+            producer = next(j for j, l in enumerate(lines) if "--step 0" in l and f"--name {shared_name} " in l)
             assert producer < i and f"after [{producer + 1}]" in line  # lines are numbered from 1 in plan order
 
     bad = campaign(data_root, tmp_path, "--dry_run", extra=["--step", "1"])
