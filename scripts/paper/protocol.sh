@@ -5,7 +5,7 @@
 # finished steps are skipped, so re-running after a failure continues where it stopped.
 #   scripts/paper/protocol.sh <method> <dataset> [task ...] [-- extra run.py options]
 # Environment: NGPUS (default 2, as in the papers), DATA_ROOT (default data), SEEDS (default 42),
-#              PYTHON (interpreter).
+#              PYTHON (interpreter), CAMPAIGN_ARGS (more campaign options, e.g. "--dry_run").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 method=$1 dataset=$2
@@ -18,6 +18,8 @@ NGPUS=${NGPUS:-2}
 if [ $((24 % NGPUS)) -ne 0 ]; then echo "error: NGPUS=$NGPUS must divide the total batch of 24" >&2; exit 2; fi
 read -r -a methods <<< "$method"
 read -r -a seeds <<< "${SEEDS:-42}"
+read -r -a campaign_args <<< "${CAMPAIGN_ARGS:-}"
 exec "${PYTHON:-python}" scripts/campaign.py --data_root "${DATA_ROOT:-data}" --datasets "$dataset" \
-    --tasks "${task_list[@]}" --methods "${methods[@]}" --seeds "${seeds[@]}" --nproc "$NGPUS" -- \
+    --tasks "${task_list[@]}" --methods "${methods[@]}" --seeds "${seeds[@]}" --nproc "$NGPUS" \
+    ${campaign_args[@]+"${campaign_args[@]}"} -- \
     --batch_size $((24 / NGPUS)) --epochs 40 --crop_size 512 --backbone resnet101 --output_stride 16 "$@"
