@@ -149,7 +149,11 @@ class Experiment:
 
     @property
     def last_step(self) -> int:
-        return tasks.num_steps(self.dataset, self.task) - 1
+        """The task's last step (tasks.py), or the last one in the files for a task it does not know."""
+        try:
+            return tasks.num_steps(self.dataset, self.task) - 1
+        except UserError:
+            return max(self.steps(), default=0)
 
     def value(self, step: int, column: str) -> Stat | None:
         return stat(rows[step].get(column) for rows in self.steps_by_seed.values() if step in rows)
