@@ -168,3 +168,12 @@ def test_bad_file_names_are_user_errors(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/summarize_results.py", str(tmp_path / "missing_4-1_FT.csv")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+
+
+def test_a_task_unknown_to_tasks_py_ends_at_its_last_step_in_the_file(tmp_path):
+    for step in range(3):
+        write_results(tmp_path, "potsdam", "6s", False, "FT", step, known(0, "6s", step, 42), CLASS_NAMES,
+                      range(2 + step), {})
+    (table,) = paper_tables(collect(sorted(tmp_path.glob("*.csv"))))
+    assert table.groups == [("6s", ["old", "new", "all"])]
+    assert table.rows[0][1][0].mean == pytest.approx(100 * known(0, "6s", 2, 42)["miou_old"])
