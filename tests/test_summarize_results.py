@@ -177,3 +177,14 @@ def test_a_task_unknown_to_tasks_py_ends_at_its_last_step_in_the_file(tmp_path):
     (table,) = paper_tables(collect(sorted(tmp_path.glob("*.csv"))))
     assert table.groups == [("6s", ["old", "new", "all"])]
     assert table.rows[0][1][0].mean == pytest.approx(100 * known(0, "6s", 2, 42)["miou_old"])
+
+
+def test_columns_appended_to_results_files_are_tolerated(tmp_path):
+    header = ["step", *CLASS_NAMES, "miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc", "f1_macro", "seed"]
+    rows = [["0", "10", "20", "30", "40", "50", "x", "35.00", "x", "35.00", "30.00", "60.00", "0.5", "42"],
+            ["1", "11", "21", "31", "41", "51", "61", "36.00", "61.00", "41.00", "36.00", "61.00", "0.6", "42"]]
+    (tmp_path / "vaihingen_4-1_FT.csv").write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n")
+    (exp,) = collect([tmp_path / "vaihingen_4-1_FT.csv"])
+    assert exp.classes(1) == list(CLASS_NAMES)
+    (table,) = per_class_tables([exp])
+    assert [c.mean for c in table.rows[0][1]] == [11, 21, 31, 41, 51, 61, 36, 61, 41]
