@@ -365,7 +365,7 @@ class Campaign:
                 run.status, run.detail = "blocked", f"needs run {broken[0].index}"
                 continue
             print(f"\n== [{n}/{len(todo)}] {run.describe()} ==", flush=True)
-            began = time.time()
+            began, run.detail = time.time(), ""
             try:
                 code = subprocess.call(self.command(run))
             except OSError as err:

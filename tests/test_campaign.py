@@ -65,7 +65,7 @@ def campaign(data_root, out, *own, popen=False, extra=()):
         log = open(out / "first.log", "w")
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True), out / "first.log"
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def test_plan_and_emitted_commands(data_root, tmp_path):
