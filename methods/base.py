@@ -3,6 +3,7 @@ rotation invariance), driven by options. A named method is a subclass that sets 
 loss terms; the Trainer only calls the hooks below and never names a method."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,36 @@ class Method:
     presets: dict = {}
     # True for methods whose own terms read the old model at t > 0, whatever the distillation weights
     own_terms_read_old_model = False
+
+    # ---------------------------------------------------------------- what step 0 depends on
+    @classmethod
+    def step0_terms(cls, opts) -> dict:
+        """The step-0 loss terms and the state step 0 hands to step 1, from the options (after presets).
+
+        Options read only at t > 0 (KD/DE/iCaRL weights, UnCE/UnKD, balanced init, cd_factor_icl) are
+        not in it; options shared by every method (data, model, schedule, seed) are not either. A
+        subclass whose own terms act at step 0 overrides this and adds them."""
+        terms = {"segmentation": "bce" if opts.icarl else "ce"}
+        if opts.regularizer:  # its state (Fisher, scores) must be accumulated during step 0
+            terms["regularizer"] = [opts.regularizer, opts.reg_importance, opts.reg_alpha,
+                                    bool(opts.reg_no_normalize), opts.reg_iterations]
+        if opts.cd_factor > 0:
+            terms["cd_factor"] = opts.cd_factor
+        return terms
+
+    @classmethod
+    def step0_signature(cls, opts) -> str:
+        """Methods with equal signatures (and equal shared options) train the same step-0 model and
+        state, so a campaign trains it once. A class that overrides a training hook but inherits
+        `step0_terms` from above that override is assumed to differ at step 0: it never shares."""
+        terms = cls.step0_terms(opts)
+        for klass in cls.__mro__:
+            if "step0_terms" in vars(klass) or klass is Method:
+                break
+            if any(hook in vars(klass) for hook in _TRAINING_HOOKS):
+                terms = {**terms, "method": cls.name}
+                break
+        return json.dumps(terms, sort_keys=True)
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -203,3 +234,8 @@ class Method:
         if self.regularizer is not None:
             state["regularizer"] = {"name": self.opts.regularizer, "state": self.regularizer.state_dict()}
         return state
+
+
+# Hooks whose override can change step-0 training (see Method.step0_signature).
+_TRAINING_HOOKS = ("target_labels", "segmentation_loss", "distillation_losses", "extra_losses",
+                   "training_losses", "setup", "before_step", "after_step", "state_dict", "uses_invariance")

@@ -80,6 +80,10 @@ class HCISS(Method):
         group.add_argument("--hciss_fgp", type=float, default=100.0,
                            help="weight of the feature global perception loss (100; 0 disables it)")
 
+    @classmethod
+    def step0_terms(cls, opts) -> dict:
+        return super().step0_terms(opts)  # both HCISS terms need the old model: step 0 is the base's
+
     def target_labels(self, labels: torch.Tensor, old_logits: torch.Tensor | None) -> torch.Tensor:
         if self.step == 0:
             return labels

@@ -203,6 +203,14 @@ class MiCro(Method):
         group.add_argument("--micro_region", type=float, default=0.1,
                            help="weight of the cross-image region relation distillation, t > 0 (0.1)")
 
+    @classmethod
+    def step0_terms(cls, opts) -> dict:
+        terms = super().step0_terms(opts)
+        if opts.micro_contrast > 0:  # the pixel contrast acts from step 0
+            terms["micro_contrast"] = [opts.micro_contrast, opts.micro_anchors, opts.micro_contrast_temperature,
+                                       opts.micro_base_temperature, opts.micro_pool, opts.micro_normalize]
+        return terms
+
     def __init__(self, opts, step: int, classes: list[int]):
         super().__init__(opts, step, classes)
         for flag in ("micro_pool", "micro_anchors"):

@@ -1,22 +1,72 @@
-"""Print the old/new/all table of one or more results CSVs: python scripts/summarize_results.py results/*.csv"""
+"""Paper tables and figures from results CSVs: python scripts/summarize_results.py results/*.csv
+
+Rows = methods (runs of one method over seeds are grouped: `<name>-s<seed>`, no suffix = seed 42),
+column groups = tasks, mIoU old / new / all at each task's final step, mean ± std over seeds.
+"""
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
-from utils.results import summarize  # noqa: E402
+from utils.result_tables import RENDERERS, collect, paper_tables, per_class_tables, write_tables  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="summarize_results.py", allow_abbrev=False,
+        description=__doc__.split("\n\n")[0] + ". " + " ".join(__doc__.split("\n\n")[1].split()),
+        epilog="Files are named <dataset>_<task>[-ov]_<name>.csv (as run.py writes them). A file whose "
+               "first step was trained from another run's checkpoint (--step_ckpt, e.g. a campaign's "
+               "shared step 0) takes the earlier steps from that run's results. Std is the sample "
+               "standard deviation (n-1); a cell with fewer seeds than its row says (n=k).")
+    parser.add_argument("files", nargs="+", help="results CSV files (e.g. results/*.csv)")
+    parser.add_argument("--format", nargs="+", choices=sorted(RENDERERS), default=["md"],
+                        help="output formats (default: md); with --out one file per table and format")
+    parser.add_argument("--out", default=None,
+                        help="folder for the table files (<table>.md/.tex/.csv); default: print to stdout")
+    parser.add_argument("--all_steps", action="store_true",
+                        help="paper table with one row per method and step instead of the final step only")
+    parser.add_argument("--per_class", action="store_true",
+                        help="also the per-class IoU table of every task at its final step")
+    parser.add_argument("--plot", default=None, metavar="DIR",
+                        help="write figures to DIR: mIoU old/new/all over the steps per task, per-class IoU bars")
+    parser.add_argument("--order", nargs="+", default=None, metavar="NAME",
+                        help="row order of the methods (others follow in the order of the files)")
+    return parser
+
+
+def make_tables(experiments, all_steps=False, per_class=False, order=None):
+    tables = paper_tables(experiments, all_steps=False, order=order)
+    if all_steps:
+        tables += paper_tables(experiments, all_steps=True, order=order)
+    if per_class:
+        tables += per_class_tables(experiments, order=order)
+    return tables
 
 
 @exit_on_user_error
-def main(paths):
-    if not paths:
-        raise UserError("give one or more results CSV files, e.g. results/vaihingen_4-1_MiB.csv")
-    missing = [p for p in paths if not os.path.isfile(p)]
+def main(argv=None):
+    opts = build_parser().parse_args(argv)
+    missing = [p for p in opts.files if not os.path.isfile(p)]
     if missing:
         raise UserError(f"results file {missing[0]} not found; run the steps first")
-    print(summarize(paths))
+    experiments = collect(opts.files)
+    tables = make_tables(experiments, opts.all_steps, opts.per_class, opts.order)
+    if opts.out:
+        for path in write_tables(tables, opts.out, opts.format):
+            print(f"wrote {path}")
+    else:
+        for fmt in opts.format:
+            for table in tables:
+                print(RENDERERS[fmt](table))
+    if opts.plot:
+        from utils.result_figures import plot_per_class, plot_steps
+
+        for path in plot_steps(experiments, opts.plot, opts.order) + plot_per_class(experiments, opts.plot, opts.order):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -42,3 +42,22 @@ def test_run_task_rejects_unknown_task():
 def test_paper_protocol_needs_a_divisor_of_24():
     proc = bash("scripts/paper/mib.sh", "vaihingen", "4-1", env={"NGPUS": "5"})
     assert proc.returncode == 2 and "NGPUS=5" in proc.stderr
+
+
+def test_paper_scripts_are_campaigns(tmp_path):
+    jobs = tmp_path / "jobs.txt"
+    proc = bash("scripts/paper/all.sh", "potsdam", "4-1", "1s", "--", "--overlap",
+                env={"NGPUS": "2", "SEEDS": "1 2", "DATA_ROOT": str(tmp_path), "CAMPAIGN_ARGS": f"--emit_commands {jobs}"})
+    assert proc.returncode == 0, proc.stderr
+    assert "step 0 of potsdam 4-1 overlap: shared by FT, LWF, ILT, MiB, HCISS" in proc.stdout
+    # 10 methods x (2 + 5 steps) x 2 seeds, minus 4 shared step 0 trainings per task and seed
+    assert "step trainings: 124 (" in proc.stdout
+    lines = [line for line in jobs.read_text().splitlines() if not line.startswith("#")]
+    assert len(lines) == 124
+    assert all("--nproc_per_node=2 run.py" in line and "--overlap" in line and "--dataset potsdam" in line
+               and "--batch_size 12 --epochs 40 --crop_size 512 --backbone resnet101 --output_stride 16" in line
+               for line in lines)
+    single = bash("scripts/paper/mib.sh", "vaihingen", "4-1", "--", "--name", "MiB_paper",
+                  env={"NGPUS": "1", "DATA_ROOT": str(tmp_path), "CAMPAIGN_ARGS": "--dry_run"})
+    assert single.returncode == 0, single.stderr
+    assert "[  1] todo  vaihingen 4-1 disjoint seed 42 step 0: MiB_paper" in single.stdout

@@ -1,1 +1,2 @@
-"""Shared helpers: errors, metrics, logging, schedulers, checkpoints, distributed, colour maps, crop-store files."""
+"""Shared helpers: errors, metrics, logging, schedulers, optimisers, checkpoints, distributed, colour maps,
+crop-store files, results files and their tables/figures."""
