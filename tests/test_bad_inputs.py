@@ -80,7 +80,8 @@ def step0(data_root, tmp_path_factory):
 
 CHECKPOINT_CASES = [
     (["--backbone", "resnet34"], ["--backbone resnet18", "--backbone resnet34", "--allow_mismatch"]),
-    (["--backbone", "resnet34", "--allow_mismatch"], ["does not match the model", "shape"]),
+    (["--backbone", "resnet34", "--allow_mismatch"], ["does not match the model", "missing"]),
+    (["--backbone", "resnet50", "--allow_mismatch"], ["does not match the model", "has shape"]),
     (["--norm_act", "std"], ["--norm_act iabn", "--norm_act std"]),
     (["--overlap"], ["--overlap False", "--overlap True"]),
     (["--output_stride", "8"], ["--output_stride 16", "--output_stride 8"]),
