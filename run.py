@@ -32,7 +32,7 @@ from utils.distributed import (DistributedEvalSampler, all_gather_object, barrie
 from utils.errors import UserError, exit_on_user_error
 from utils.logger import Logger
 from utils.metrics import format_table
-from utils.results import mark_pending, test_results_name, write_results
+from utils.results import mark_pending, results_path, test_results_name, write_results
 from utils.scheduler import build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -209,7 +209,8 @@ def check_outputs(opts, logdir, ckpt_path, last_path) -> None:
         check_writable(ckpt_path.parent, "--checkpoint_dir")
     check_writable(opts.results_dir, "--results_dir")
     check_writable(logdir, "--logdir")
-    removed = remove_stale_temps([ckpt_path, last_path])
+    results = results_path(opts.results_dir, opts.dataset, opts.task, opts.overlap, opts.name)
+    removed = remove_stale_temps([ckpt_path, last_path, results, results.with_suffix(".json")])
     if removed:
         print(f"removed {len(removed)} temporary file(s) of interrupted saves: {', '.join(map(str, removed))}",
               flush=True)

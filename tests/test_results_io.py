@@ -70,6 +70,23 @@ def test_kill_between_json_and_csv_heals(tmp_path, monkeypatch):
     assert rows[0]["clutter"] == "0.00" and [r["step"] for r in rows] == ["0", "1"]
 
 
+def test_pending_row_replaces_the_old_numbers_until_the_test(tmp_path):
+    """Between the new checkpoint and its test, the old run's numbers must not stand in the row."""
+    from utils.results import mark_pending
+
+    args = (tmp_path, "vaihingen", "4-1", False, "FT")
+    write_results(*args, 0, _results(), CLASS_NAMES, range(5), {}, record={"kind": "train"})
+    write_results(*args, 1, _results(), CLASS_NAMES, range(6), {},
+                  record={"kind": "train", "previous_checkpoint": {"path": "a", "sha256": "old"}})
+    stale = mark_pending(*args, 0, {"kind": "train", "checkpoint": {"path": "a", "sha256": "new"}}, CLASS_NAMES)
+    assert stale == [1]
+    rows = read_results(tmp_path / "vaihingen_4-1_FT.csv")
+    assert rows[0]["status"] == "pending" and rows[0]["miou_all"] is None and rows[0]["clutter"] is None
+    assert rows[1]["status"] == "stale: step 0 re-trained after it" and rows[1]["miou_all"] is not None
+    csv_rows = list(csv.DictReader(open(tmp_path / "vaihingen_4-1_FT.csv")))
+    assert csv_rows[0]["status"] == "pending" and csv_rows[0]["miou_all"] == "x"
+
+
 def test_csv_of_an_earlier_version_is_imported(tmp_path):
     path = tmp_path / "vaihingen_4-1_FT.csv"
     header = ["step", *CLASS_NAMES, "miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc"]
