@@ -301,7 +301,7 @@ def run_step(opts, dist) -> dict:
         if epoch + 1 < opts.epochs:  # after the last epoch the step checkpoint follows at once
             resume.save(epoch + 1, 0)
 
-    check_finite_model(model)
+    check_finite_model(model, trainer)
     record = None
     if dist.rank == 0:
         save_checkpoint(ckpt_path, {
@@ -359,12 +359,12 @@ def run_test(opts, dist, model, classes, meta, logger, ckpt_path) -> dict:
     return results
 
 
-def check_finite_model(model) -> None:
+def check_finite_model(model, trainer) -> None:
     """No NaN/inf parameter or buffer may be saved (or reported)."""
     bad = non_finite_tensors(model.state_dict().items())
     if bad:
         raise UserError(f"the model holds NaN/inf values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
-                        f"lower --lr or check the data (no checkpoint was written)")
+                        f"{trainer.divergence_hint()} (no checkpoint was written)")
 
 
 # Options that may differ between a run and the resume checkpoint it continues from.
@@ -383,7 +383,7 @@ class Resume:
 
     def save(self, epoch: int, iteration_in_epoch: int) -> None:
         """`epoch` epochs and `iteration_in_epoch` iterations of the next one are done."""
-        check_finite_model(self.model)
+        check_finite_model(self.model, self.trainer)
         generator = self.loader.generator
         if iteration_in_epoch:  # replayed from the epoch start on resume
             loader_state = self.trainer.loader_state_at_epoch_start

@@ -140,14 +140,19 @@ class Trainer:
         stacked = all_reduce_sum(stacked) / (count * self.dist.world_size)
         return dict(zip(keys, stacked.tolist()))
 
+    def divergence_hint(self) -> str:
+        """What to change when training diverges (NaN/inf losses or weights)."""
+        if self.method is not None and self.method.regularizer is not None:
+            # the penalty's curvature 2·λ·Ω makes SGD unstable when lr·2λ is large
+            return (f"lower --lr or --reg_importance (with momentum 0.9 SGD needs lr·2·reg_importance < 3.8; "
+                    f"here {self.opts.lr:g}·2·{self.opts.reg_importance:g})")
+        return "lower --lr, check the data, or use --opt_level O0"
+
     def _check_finite(self, means: dict[str, float], epoch: int, iteration: int):
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if not bad:
             return
-        hint = "lower --lr, check the data, or use --opt_level O0"
-        if "reg_penalty" in means:  # the penalty's curvature 2·λ·Ω makes SGD unstable when lr·2λ is large
-            hint = (f"lower --lr or --reg_importance (with momentum 0.9 SGD needs lr·2·reg_importance < 3.8; "
-                    f"here {self.opts.lr:g}·2·{self.opts.reg_importance:g})")
+        hint = self.divergence_hint()
         raise UserError(f"loss term(s) {', '.join(bad)} became NaN/inf at epoch {epoch + 1}, iteration "
                         f"{iteration + 1}; {hint} (no checkpoint was written)")
 
