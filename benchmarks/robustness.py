@@ -143,7 +143,8 @@ def kills(out: Path, n_kills: int, seed: int = 0) -> list[str]:
         try:
             out_text, _ = proc.communicate(timeout=delay)
             line = next((x for x in out_text.splitlines() if x.startswith("resuming")), "from scratch")
-            rows.append(f"| {k + 1} | finished before {delay:.1f} | {line.split(' (iteration')[0]} | - |")
+            line = line.split(" (iteration")[0].replace(str(killed), "OUT")
+            rows.append(f"| {k + 1} | finished before {delay:.1f} | {line} | - |")
             finished = True
             break
         except subprocess.TimeoutExpired:
