@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import re
 import sys
 
@@ -85,6 +86,9 @@ def did_you_mean(given: str, known) -> str:
 
 def _str2bool_flag(group, *names, help):
     group.add_argument(*names, action="store_true", default=False, help=help)
+
+
+DEFAULT_SEED = 42
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "their running statistics stay fixed too (not MiB)")
     g.add_argument("--opt_level", default="O0", choices=["O0", "O1", "O2"],
                    help="O0 fp32 (paper); O1 fp16 autocast + GradScaler; O2 bf16 autocast")
-    g.add_argument("--random_seed", type=int, default=42)
+    g.add_argument("--random_seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed; any other than {DEFAULT_SEED} is appended to the run name as -s<seed>")
     _str2bool_flag(g, "--channels_last", help="channels-last memory format for model and inputs (faster "
                                               "convolutions on tensor-core GPUs)")
     _str2bool_flag(g, "--compile", help="torch.compile the training model (falls back, with a message, "
@@ -216,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the GPU of the local rank when GPUs are visible, else the CPU; it stops with an "
                         "error when this machine has GPUs that are hidden (CUDA_VISIBLE_DEVICES). "
                         "cpu: run on the CPU on purpose (default: auto)")
+    _str2bool_flag(g, "--no_resume", help="start the step over even if its last (resume) checkpoint exists")
+    g.add_argument("--ckpt_interval", type=int, default=0,
+                   help="also write the resume checkpoint every N iterations (0: only at the end of each epoch)")
+    _str2bool_flag(g, "--allow_mismatch", help="only warn when a loaded checkpoint was trained with another "
+                                               "backbone/output_stride/norm_act/task/split/dataset")
+    g.add_argument("--dist_timeout", type=float, default=300.0,
+                   help="seconds a process waits for the others before the run fails (stalled rank)")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help="set by torch.distributed.launch; torchrun uses the environment")
     for action in parser._actions:  # argparse prints no help line, hence no default, for help=None
@@ -247,6 +259,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in method_cls.presets.items():
         if key not in explicit:
             setattr(opts, key, value)
+        elif value and not getattr(opts, key):
+            print(f"warning: --{key} {getattr(opts, key)} turns off {method_cls.name}'s --{key} {value}: this run "
+                  f"is not {method_cls.name} any more (name it with --name)", file=sys.stderr)
     return finalize(opts)
 
 
@@ -259,8 +274,11 @@ def _method_class(name: str):
 
 def finalize(opts: argparse.Namespace) -> argparse.Namespace:
     """Derived defaults and validation shared by every entry point."""
-    if opts.name is None:
-        opts.name = opts.method
+    if not hasattr(opts, "base_name"):  # finalize once: the seed goes into the name only once
+        opts.base_name = opts.name or opts.method
+        seed = getattr(opts, "random_seed", DEFAULT_SEED)
+        # Runs of other seeds never share checkpoints, logs or results rows (docs/robustness.md).
+        opts.name = opts.base_name if seed == DEFAULT_SEED else f"{opts.base_name}-s{seed}"
     try:
         tasks.get_task_dict(opts.dataset, opts.task, opts.step)  # UserError for unknown task / step
     except UserError as err:
@@ -271,6 +289,9 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
     _finalize_protocol(opts)
     if opts.lr is None:
         opts.lr = 0.01 if opts.step == 0 else 0.001
+    for key, value in vars(opts).items():  # nan/inf pass argparse's float()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{key} must be a finite number (got {value})")
     for key in ("epochs", "batch_size", "crop_size", "val_interval"):
         if getattr(opts, key) <= 0:
             raise UserError(f"--{key} must be positive (got {getattr(opts, key)})")
@@ -278,8 +299,14 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--lr must be positive (got {opts.lr})")
     if opts.pooling_size is not None and opts.pooling_size <= 0:
         raise UserError(f"--pooling_size must be positive (got {opts.pooling_size})")
-    if opts.num_workers is not None and opts.num_workers < 0:
-        raise UserError(f"--num_workers must be 0 or more (got {opts.num_workers})")
+    _check_range(opts, "momentum", 0.0, 1.0, "in (0, 1): SGD uses Nesterov momentum", low_open=True, high_open=True)
+    _check_range(opts, "weight_decay", 0.0, math.inf, ">= 0")
+    for key in ("num_workers", "ckpt_interval", "sample_num"):
+        _check_range(opts, key, 0, math.inf, ">= 0")
+    _check_range(opts, "dist_timeout", 0.0, math.inf, "positive (seconds)", low_open=True)
+    if getattr(opts, "icarl", False) and getattr(opts, "unce", False):
+        raise UserError("--icarl (BCE classifier, LWF-MC) and --unce (unbiased cross-entropy, MiB) are alternative "
+                        "segmentation losses; drop one of them")
     return opts
 
 
@@ -302,3 +329,13 @@ def _finalize_protocol(opts: argparse.Namespace) -> None:
     if patience and fraction is None and not opts.cross_val:
         raise UserError("--patience selects the step checkpoint on validation: give --val_fraction F (MiB-CD: 0.1) "
                         "or --cross_val so that it is not chosen on test crops")
+
+
+def _check_range(opts, key, low, high, wording, low_open=False, high_open=False):
+    value = getattr(opts, key, None)
+    if value is None:
+        return
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        raise UserError(f"--{key} must be {wording} (got {value})")

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import random
 import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,16 +23,21 @@ from dataset import BatchNormalize, data_protocol, get_datasets, load_meta
 from methods import get_method_class
 from modules import check_checkpoint_bands, checkpoint_input_bands, make_model
 from train import Trainer, compile_model
-from utils.checkpoint import checkpoint_path, load_checkpoint, run_tag, save_checkpoint
+from utils.checkpoint import (capture_rng_state, check_free_space, check_writable, checkpoint_path, file_sha256,
+                              last_checkpoint_path, load_checkpoint, non_finite_tensors, remove_stale_temps,
+                              restore_rng_state, run_tag, save_checkpoint, tensor_bytes)
 from utils.colormap import CLASS_NAMES
-from utils.distributed import DistributedEvalSampler, barrier, cleanup, init_distributed, relaunch_command
+from utils.distributed import (DistributedEvalSampler, all_gather_object, barrier, broadcast_object, cleanup,
+                               init_distributed, relaunch_command)
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError, exit_on_user_error
 from utils.logger import Logger, write_task_curve
 from utils.metrics import format_table
-from utils.results import read_results, write_results
+from utils.results import mark_pending, read_results, results_path, test_results_name, write_results
 from utils.optimizer import make_optimizer
 from utils.scheduler import build_scheduler
+
+REPO_ROOT = Path(__file__).resolve().parent
 
 
 def split_tag(opts):
@@ -125,6 +132,12 @@ def load_model_weights(model, checkpoint: dict, path: str, strict: bool = True) 
     if bands is not None and bands != model.body.in_channels:
         raise UserError(f"{path} was trained on {bands}-band images but the data has {model.body.in_channels} bands; "
                         f"use a checkpoint and a processed dataset with the same --channels")
+    own = model.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong_shape:
+        k = wrong_shape[0]
+        raise UserError(f"{path} does not match the model built from the options (--backbone, --output_stride?): "
+                        f"{k} has shape {tuple(state[k].shape)} there, {tuple(own[k].shape)} here")
     missing, unexpected = model.load_state_dict(state, strict=False)
     new_classifier = f"cls.{len(expected) - 1}."
     missing = [k for k in missing if strict or not k.startswith(new_classifier)]
@@ -157,7 +170,54 @@ def _drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return kept
 
 
-def test_and_report(trainer, opts, test_loader, classes, logger, meta) -> dict:
+# Options stored in a checkpoint that the loading run must share (label, option).
+COMPATIBILITY = (("backbone", "--backbone"), ("output_stride", "--output_stride"), ("norm_act", "--norm_act"),
+                 ("input_channels", "input channels"), ("dataset", "--dataset"), ("task", "--task"),
+                 ("overlap", "--overlap"), ("filter_mode", "--filter_mode"))
+# In-place ABN with and without synchronisation: the same parameters and the same function.
+_SAME_NORM = {"iabn_sync": "iabn"}
+
+
+def check_compatible(opts, checkpoint: dict, path, meta: dict, logger) -> None:
+    """The backbone, output stride, norm_act, input channels, dataset, task and split stored in
+    `checkpoint` must be this run's; a mismatch is a UserError naming both values (a warning with
+    --allow_mismatch). Checkpoints without stored options are not checked."""
+    saved = dict(checkpoint.get("opts") or {})
+    if not saved:
+        return
+    saved.setdefault("input_channels", checkpoint.get("input_channels"))
+    ours = dict(vars(opts), input_channels=opts.in_channels)
+    for key, label in COMPATIBILITY:
+        theirs, mine = saved.get(key), ours.get(key)
+        if theirs is None:
+            continue
+        if key == "norm_act":
+            theirs, mine = _SAME_NORM.get(theirs, theirs), _SAME_NORM.get(mine, mine)
+        if theirs != mine:
+            message = (f"{path} was trained with {label} {saved.get(key)} but this run has {label} {ours.get(key)}")
+            if not opts.allow_mismatch:
+                raise UserError(f"{message}; use the same options, another checkpoint, or --allow_mismatch "
+                                f"if this is on purpose")
+            logger.info(f"warning: {message} (--allow_mismatch)")
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs, when it is a git checkout (None otherwise)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_record(opts, dist, kind: str, checkpoint: dict, previous: dict | None) -> dict:
+    """What a results row records besides the numbers (utils/results.py)."""
+    return {"kind": kind, "seed": opts.random_seed, "world_size": dist.world_size,
+            "effective_batch_size": opts.batch_size * dist.world_size, "git_commit": git_commit(),
+            "debug": bool(opts.debug), "checkpoint": checkpoint, "previous_checkpoint": previous}
+
+
+def test_and_report(trainer, opts, test_loader, classes, logger, meta, record: dict, results_name: str) -> dict:
     """Final test on every test crop (all seen classes) -> console, TensorBoard, results CSV/JSON."""
     # channels: 0 background, then the classes in task order (tasks.py); old = step 0's, new = later
     num_seen = sum(classes)
@@ -176,10 +236,11 @@ def test_and_report(trainer, opts, test_loader, classes, logger, meta) -> dict:
         protocol = results["protocol"]
         logger.info(f"test of step {opts.step} ({task_tag(opts)}, {opts.name}; {protocol['test_crops']} test crops, "
                     f"unseen classes -> {protocol['test_unseen']}):\n{format_table(results, names)}")
-        csv_path = write_results(opts.results_dir, opts.dataset, opts.task, split_tag(opts), opts.name, opts.step,
-                                 results, all_names, range(num_seen), vars(opts))
+        path = write_results(opts.results_dir, opts.dataset, opts.task, split_tag(opts), results_name, opts.step,
+                             results, all_names, range(num_seen), vars(opts), record=record)
+        logger.info(f"results row of step {opts.step} written to {path}")
         # One run per task and name: mIoU old/new/all against the step, rebuilt from the results file.
-        write_task_curve(os.path.join(opts.logdir, task_tag(opts), opts.name, "task"), read_results(csv_path))
+        write_task_curve(os.path.join(opts.logdir, task_tag(opts), results_name, "task"), read_results(path))
     return results
 
 
@@ -188,11 +249,24 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_args(argv)
     opts.command_line = argv
-    dist = init_distributed(opts.local_rank, opts.device)
+    dist = init_distributed(opts.local_rank, opts.device, timeout_s=opts.dist_timeout)
     try:
         return run_step(opts, dist)
     finally:
         cleanup()
+
+
+def check_outputs(opts, logdir, ckpt_path, last_path) -> None:
+    """Before anything runs: every output folder writable; temp files of killed saves removed."""
+    if not opts.test:
+        check_writable(ckpt_path.parent, "--checkpoint_dir")
+    check_writable(opts.results_dir, "--results_dir")
+    check_writable(logdir, "--logdir")
+    results = results_path(opts.results_dir, opts.dataset, opts.task, split_tag(opts), opts.name)
+    removed = remove_stale_temps([ckpt_path, last_path, results, results.with_suffix(".json")])
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) of interrupted saves: {', '.join(map(str, removed))}",
+              flush=True)
 
 
 def run_step(opts, dist) -> dict:
@@ -203,15 +277,20 @@ def run_step(opts, dist) -> dict:
     meta = load_meta(opts.data_root, opts.dataset)
     opts.in_channels = int(meta.get("num_channels", 3))  # the model's input bands follow the data
     ckpt_path = checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name, opts.step)
+    last_path = last_checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name,
+                                     opts.step)
     loaded = (opts.ckpt or ckpt_path) if opts.test else (opts.step_ckpt or checkpoint_path(
         opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name, opts.step - 1)) if opts.step else None
     check_checkpoint_bands(loaded, opts.in_channels, f"{opts.dataset} under --data_root {opts.data_root} "
                                                      f"({meta.get('channels')})")  # before anything is written
     # --test logs into its own run below the step's, never into the training run's folder.
     logdir = os.path.join(opts.logdir, task_tag(opts), opts.name, f"step{opts.step}", *(["test"] if opts.test else []))
+    if dist.rank == 0:
+        check_outputs(opts, logdir, ckpt_path, last_path)
     logger = Logger(logdir, rank=dist.rank)
     logger.info(f"{'test' if opts.test else 'train'} step {opts.step} of {task_tag(opts)} with {opts.method} "
-                f"({opts.name}); classes per step {classes}; {dist.world_size} process(es) on {dist.device}"
+                f"({opts.name}, seed {opts.random_seed}); classes per step {classes}; {dist.world_size} process(es) "
+                f"on {dist.device}"
                 + (f" ({torch.get_num_threads()} threads each)" if dist.device.type == "cpu" else ""))
     process_group = torch.distributed.group.WORLD if dist.distributed else None
 
@@ -223,24 +302,13 @@ def run_step(opts, dist) -> dict:
     model = model.to(memory_format=memory_format)
 
     if opts.test:
-        path = opts.ckpt or ckpt_path
-        if not os.path.isfile(path):
-            raise UserError(f"--test needs the checkpoint of step {opts.step}: {path} not found; "
-                            f"train the step first or pass --ckpt")
-        load_model_weights(model, load_checkpoint(path), path)
-        logger.info(f"testing {path}")
-        _, _, test_set = get_datasets(opts)
-        _, _, test_loader = make_loaders(opts, dist, None, None, test_set)
-        trainer = Trainer(model, None, None, None, None, opts, dist, logger,
-                          input_norm=input_normalizer(opts, meta))
-        results = test_and_report(trainer, opts, test_loader, classes, logger, meta)
-        logger.close()
-        return results
+        return run_test(opts, dist, model, classes, meta, logger, ckpt_path)
 
     method = get_method_class(opts.method)(opts, opts.step, classes)
-    old_model, previous_state = None, None
+    old_model, previous_state, lineage = None, None, None
     if opts.step > 0:
         prev_path, prev = previous_checkpoint(opts)
+        check_compatible(opts, prev, prev_path, meta, logger)
         load_model_weights(model, prev, prev_path, strict=False)
         method.init_new_model(model)
         previous_state = prev.get("method_state")
@@ -250,6 +318,7 @@ def run_step(opts, dist) -> dict:
             load_model_weights(old_model, prev, prev_path)
             old_model.eval()
             old_model.requires_grad_(False)
+        lineage = {"path": str(prev_path), "sha256": file_sha256(prev_path) if dist.rank == 0 else None}
         logger.info(f"loaded step {opts.step - 1} from {prev_path}")
     if opts.freeze and not opts.regularizer:
         # MiB's --freeze keeps the body out of the optimiser at every step (below); only a regulariser's
@@ -269,6 +338,10 @@ def run_step(opts, dist) -> dict:
     iters_per_epoch = len(train_loader) if not opts.debug else min(len(train_loader), 2)
     scheduler = build_scheduler(opts.lr_policy, optimizer, max_iters=opts.epochs * iters_per_epoch,
                                 power=opts.lr_power, step_size=opts.lr_decay_step, gamma=opts.lr_decay_factor)
+    if dist.rank == 0:
+        # room for the resume checkpoint (model, momentum, method state) and its temp copy while replaced
+        estimate = 2 * tensor_bytes(model.state_dict()) + tensor_bytes(method.state_dict())
+        check_free_space(ckpt_path.parent, 2 * estimate, "a checkpoint of this model")
     train_model = model
     if dist.distributed:
         device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
@@ -277,33 +350,39 @@ def run_step(opts, dist) -> dict:
         train_model = compile_model(train_model, dist.device)
     trainer = Trainer(train_model, old_model, method, optimizer, scheduler, opts, dist, logger,
                       input_norm=input_normalizer(opts, meta))
+    stopper = EarlyStopping(opts.patience) if opts.patience else None
+    resume = Resume(opts, dist, trainer, model, method, train_loader, last_path, logger, stopper)
+    start_epoch, start_iter, resume_rng = resume.load()
 
     num_seen = sum(classes)
-    stopper = EarlyStopping(opts.patience) if opts.patience else None
     epochs_run = opts.epochs
-    for epoch in range(opts.epochs):
-        trainer.train_epoch(train_loader, epoch)
+    for epoch in range(start_epoch, opts.epochs):
+        trainer.train_epoch(train_loader, epoch, start_iter=start_iter, resume_rng=resume_rng,
+                            after_iteration=resume.after_iteration)
+        start_iter, resume_rng = 0, None
         last = epoch + 1 == opts.epochs
         # with --patience every validation counts (the last epoch's too); without, it is monitoring only
         if val_loader is not None and (epoch + 1) % opts.val_interval == 0 and (stopper is not None or not last):
             metrics, _ = trainer.evaluate(val_loader, num_classes=num_seen)
-            # validation labels hold only background and the step's classes (DESIGN 3.5)
+            # validation labels hold only background and the step's classes (docs/data.md)
             miou = metrics.results(old_classes=list(range(num_seen)), new_classes=[])["miou_all_bg"]
             if miou is not None:  # None: empty validation set
                 logger.add_scalar("val/mIoU", miou, epoch + 1)
             shown = "x" if miou is None else f"{100 * miou:.2f}"
             if stopper is None:
                 logger.info(f"validation (monitoring only) after epoch {epoch + 1}: mIoU {shown}")
-                continue
-            improved = stopper.update(epoch + 1, miou, model)
-            logger.info(f"validation after epoch {epoch + 1}: mIoU {shown}"
-                        + (" (best so far: weights kept)" if improved else
-                           f" (best {100 * (stopper.best_score or 0):.2f} at epoch {stopper.best_epoch})"))
-            if stopper.should_stop and not last:
-                epochs_run = epoch + 1
-                logger.info(f"early stopping after epoch {epoch + 1}: {opts.patience} epoch(s) without a better "
-                            f"validation mIoU")
-                break
+            else:
+                improved = stopper.update(epoch + 1, miou, model)
+                logger.info(f"validation after epoch {epoch + 1}: mIoU {shown}"
+                            + (" (best so far: weights kept)" if improved else
+                               f" (best {100 * (stopper.best_score or 0):.2f} at epoch {stopper.best_epoch})"))
+                if stopper.should_stop and not last:
+                    epochs_run = epoch + 1
+                    logger.info(f"early stopping after epoch {epoch + 1}: {opts.patience} epoch(s) without a better "
+                                f"validation mIoU")
+                    break
+        if not last:  # after the last epoch the step checkpoint follows at once
+            resume.save(epoch + 1, 0)
     if stopper is not None:
         if stopper.restore_best(model):
             logger.info(f"kept the weights of epoch {stopper.best_epoch} (best validation mIoU "
@@ -313,6 +392,8 @@ def run_step(opts, dist) -> dict:
         else:
             logger.info("no validation gave a mIoU: the step checkpoint holds the last epoch")
 
+    check_finite_model(model, trainer)
+    record = None
     if dist.rank == 0:
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(),
@@ -324,12 +405,154 @@ def run_step(opts, dist) -> dict:
             "classes": classes,
             "step": opts.step,
             "opts": vars(opts),
+            "input_channels": opts.in_channels,
+            "lineage": lineage,
         })
-        logger.info(f"saved {ckpt_path}")
+        digest = file_sha256(ckpt_path)
+        logger.info(f"saved {ckpt_path} (sha256 {digest[:12]})")
+        record = run_record(opts, dist, "train", {"path": str(ckpt_path), "sha256": digest}, lineage)
+        # until the test below writes the new row, the old run's numbers must not stand beside the new
+        # checkpoint; later steps trained from the replaced model are marked stale
+        stale = mark_pending(opts.results_dir, opts.dataset, opts.task, split_tag(opts), opts.name, opts.step, record,
+                             tasks.channel_names(opts.dataset, opts.task))
+        if stale:
+            logger.info(f"warning: step(s) {', '.join(map(str, stale))} of {opts.name} were trained from the "
+                        f"replaced step {opts.step} and are marked stale in the results; re-train them")
     barrier()
-    results = test_and_report(trainer, opts, test_loader, classes, logger, meta)
+    results = test_and_report(trainer, opts, test_loader, classes, logger, meta, record, opts.name)
+    if dist.rank == 0:
+        resume.remove()
     logger.close()
     return results
+
+
+def run_test(opts, dist, model, classes, meta, logger, ckpt_path) -> dict:
+    """--test: the step's own checkpoint refreshes the step's row; any other --ckpt gets its own results
+    file, so a test never replaces the training row of another model."""
+    path = Path(opts.ckpt or ckpt_path)
+    if not path.is_file():
+        raise UserError(f"--test needs the checkpoint of step {opts.step}: {path} not found; "
+                        f"train the step first or pass --ckpt")
+    checkpoint = load_checkpoint(path)
+    check_compatible(opts, checkpoint, path, meta, logger)
+    load_model_weights(model, checkpoint, path)
+    logger.info(f"testing {path}")
+    _, _, test_set = get_datasets(opts)
+    _, _, test_loader = make_loaders(opts, dist, None, None, test_set)
+    trainer = Trainer(model, None, None, None, None, opts, dist, logger, input_norm=input_normalizer(opts, meta))
+    own = path.resolve() == ckpt_path.resolve() if ckpt_path.exists() else False
+    record = None
+    if dist.rank == 0:
+        record = run_record(opts, dist, "test", {"path": str(path), "sha256": file_sha256(path)},
+                            checkpoint.get("lineage"))
+    results_name = opts.name if own else test_results_name(opts.name, path)
+    results = test_and_report(trainer, opts, test_loader, classes, logger, meta, record, results_name)
+    logger.close()
+    return results
+
+
+def check_finite_model(model, trainer) -> None:
+    """No NaN/inf parameter or buffer may be saved (or reported)."""
+    bad = non_finite_tensors(model.state_dict().items())
+    if bad:
+        raise UserError(f"the model holds NaN/inf values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                        f"{trainer.divergence_hint()} (no checkpoint was written)")
+
+
+# Options that may differ between a run and the resume checkpoint it continues from.
+RESUME_FREE = {"command_line", "local_rank", "no_resume", "dist_timeout", "print_interval", "sample_num",
+               "num_workers", "logdir", "results_dir", "checkpoint_dir", "ckpt_interval", "data_root",
+               "allow_mismatch"}
+
+
+class Resume:
+    """The step's "last" checkpoint: written atomically at the end of every epoch (and every
+    --ckpt_interval iterations), read back by the same command after a crash, removed when the step ends."""
+
+    def __init__(self, opts, dist, trainer, model, method, loader, path, logger, stopper=None):
+        self.opts, self.dist, self.trainer, self.model, self.method = opts, dist, trainer, model, method
+        self.loader, self.path, self.logger = loader, Path(path), logger
+        self.stopper = stopper  # --patience: its best epoch, score and weights travel with the checkpoint
+
+    def save(self, epoch: int, iteration_in_epoch: int) -> None:
+        """`epoch` epochs and `iteration_in_epoch` iterations of the next one are done."""
+        check_finite_model(self.model, self.trainer)
+        generator = self.loader.generator
+        if iteration_in_epoch:  # replayed from the epoch start on resume
+            loader_state = self.trainer.loader_state_at_epoch_start
+        else:
+            loader_state = generator.get_state() if generator is not None else None
+        rng = all_gather_object({"rng": capture_rng_state(), "loader": loader_state})  # one per rank
+        if self.dist.rank == 0:
+            trainer = self.trainer
+            save_checkpoint(self.path, {
+                "model": self.model.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "scaler": trainer.scaler.state_dict(),
+                "method_resume": self.method.resume_state(),
+                "early_stopping": self.stopper.state_dict() if self.stopper is not None else None,
+                "epoch": epoch,
+                "iteration_in_epoch": iteration_in_epoch,
+                "iteration": trainer.iteration,
+                "rng_per_rank": rng,
+                "world_size": self.dist.world_size,
+                "opts": vars(self.opts),
+            })
+
+    def after_iteration(self, epoch: int, iteration_in_epoch: int) -> None:
+        interval = self.opts.ckpt_interval
+        n_iters = len(self.loader) if not self.opts.debug else min(len(self.loader), 2)
+        if interval and self.trainer.iteration % interval == 0 and iteration_in_epoch < n_iters:
+            self.save(epoch, iteration_in_epoch)
+
+    def load(self) -> tuple[int, int, dict | None]:
+        """(first epoch, iterations of it already done, RNG states to restore after replaying them)."""
+        exists = broadcast_object(self.path.is_file() if self.dist.rank == 0 else None)
+        if not exists:
+            return 0, 0, None
+        if self.opts.no_resume:
+            self.logger.info(f"--no_resume: starting over (ignoring {self.path})")
+            return 0, 0, None
+        state = load_checkpoint(self.path)
+        self._check_same_run(state)
+        trainer = self.trainer
+        self.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.scaler.load_state_dict(state["scaler"])
+        self.method.load_resume_state(state["method_resume"])
+        if self.stopper is not None and state.get("early_stopping") is not None:
+            self.stopper.load_state_dict(state["early_stopping"])
+        trainer.iteration = int(state["iteration"])
+        mine = state["rng_per_rank"][self.dist.rank]
+        if mine["loader"] is not None:
+            self.loader.generator.set_state(mine["loader"])
+        epoch, done = int(state["epoch"]), int(state["iteration_in_epoch"])
+        self.logger.info(f"resuming from {self.path}: epoch {epoch + 1}, iteration {done + 1} "
+                         f"(iteration {trainer.iteration} of the step); --no_resume starts over")
+        if done:
+            return epoch, done, mine["rng"]
+        restore_rng_state(mine["rng"])
+        return epoch, 0, None
+
+    def _check_same_run(self, state: dict) -> None:
+        saved = state.get("opts", {})
+        if state.get("world_size") != self.dist.world_size:
+            raise UserError(f"{self.path} was written by {state.get('world_size')} process(es), this run has "
+                            f"{self.dist.world_size}; run with the same number of processes or pass --no_resume")
+        ours = vars(self.opts)
+        changed = [k for k in sorted(set(saved) | set(ours)) if k not in RESUME_FREE and saved.get(k) != ours.get(k)]
+        if changed:
+            k = changed[0]
+            raise UserError(f"{self.path} was written with --{k} {saved.get(k)}, this run has --{k} {ours.get(k)}; "
+                            f"re-run the same command to resume, or pass --no_resume to start the step over")
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _with(opts, **changes):

@@ -12,6 +12,7 @@ import warnings
 import torch
 from tqdm import tqdm
 
+from utils.checkpoint import restore_rng_state
 from utils.distributed import all_reduce_sum, broadcast_buffers
 from utils.errors import UserError
 from utils.metrics import SegmentationMetrics
@@ -64,6 +65,7 @@ class Trainer:
             # order; the per-iteration poly schedule must advance all the same.
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         self.iteration = 0
+        self.loader_state_at_epoch_start = None  # the loader generator's state before this epoch's draws
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -76,11 +78,20 @@ class Trainer:
         self.model.train()
 
     # ------------------------------------------------------------------ training
-    def train_epoch(self, loader, epoch: int) -> dict[str, float]:
-        """One epoch; returns the mean of every loss term over the epoch (averaged across ranks)."""
+    def train_epoch(self, loader, epoch: int, start_iter: int = 0, resume_rng: dict | None = None,
+                    after_iteration=None) -> dict[str, float]:
+        """One epoch; returns the mean of every loss term over the epoch (averaged across ranks).
+
+        Resuming inside an epoch: the loader's generator must hold its state of the epoch start;
+        the first `start_iter` batches are drawn again (same order and augmentations) but not trained
+        on, then the RNG states `resume_rng` saved at that iteration are restored.
+        `after_iteration(epoch, i)` is called after every trained iteration i (1-based in the epoch).
+        """
         self._set_train_mode()
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
+        generator = getattr(loader, "generator", None)
+        self.loader_state_at_epoch_start = generator.get_state() if generator is not None else None
         epoch_sums: dict[str, torch.Tensor] = {}
         window_sums: dict[str, torch.Tensor] = {}
         window = 0
@@ -92,6 +103,11 @@ class Trainer:
             for i, (images, labels) in enumerate(loader):
                 if i >= n_iters:
                     break
+                if i < start_iter:  # replayed batches of a resumed epoch
+                    bar.update(1)
+                    if i == start_iter - 1 and resume_rng is not None:
+                        restore_rng_state(resume_rng)
+                    continue
                 terms = self._train_iteration(images, labels)
                 for sums in (epoch_sums, window_sums):
                     for key, value in terms.items():
@@ -105,9 +121,11 @@ class Trainer:
                     self.logger.add_scalars(means, self.iteration, prefix="train/")
                     self.logger.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.iteration)
                     window_sums, window = {}, 0
+                if after_iteration is not None:
+                    after_iteration(epoch, i + 1)
         finally:
             bar.close()  # before any error line, so it prints alone
-        means = self._reduce_means(epoch_sums, max(n_iters, 1))
+        means = self._reduce_means(epoch_sums, max(n_iters - start_iter, 1))
         self.logger.info(
             f"epoch {epoch + 1}/{self.opts.epochs}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
@@ -160,14 +178,19 @@ class Trainer:
         stacked = all_reduce_sum(stacked) / (count * self.dist.world_size)
         return dict(zip(keys, stacked.tolist()))
 
+    def divergence_hint(self) -> str:
+        """What to change when training diverges (NaN/inf losses or weights)."""
+        if self.method is not None and self.method.regularizer is not None:
+            # the penalty's curvature 2·λ·Ω makes SGD unstable when lr·2λ is large
+            return (f"lower --lr or --reg_importance (with momentum 0.9 SGD needs lr·2·reg_importance < 3.8; "
+                    f"here {self.opts.lr:g}·2·{self.opts.reg_importance:g})")
+        return "lower --lr, check the data, or use --opt_level O0"
+
     def _check_finite(self, means: dict[str, float], epoch: int, iteration: int):
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if not bad:
             return
-        hint = "lower --lr, check the data, or use --opt_level O0"
-        if "reg_penalty" in means:  # the penalty's curvature 2·λ·Ω makes SGD unstable when lr·2λ is large
-            hint = (f"lower --lr or --reg_importance (with momentum 0.9 SGD needs lr·2·reg_importance < 3.8; "
-                    f"here {self.opts.lr:g}·2·{self.opts.reg_importance:g})")
+        hint = self.divergence_hint()
         raise UserError(f"loss term(s) {', '.join(bad)} became NaN/inf at epoch {epoch + 1}, iteration "
                         f"{iteration + 1}; {hint} (no checkpoint was written)")
 

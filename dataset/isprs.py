@@ -14,6 +14,9 @@ from utils.crop_store import KINDS, STORE_VERSION, open_store_array, store_file
 
 META_VERSION = 1
 DATASETS = ("vaihingen", "potsdam")
+# Values a processed label may hold: the six ISPRS classes and 255 (ignored).
+KNOWN_LABEL = np.zeros(256, dtype=bool)
+KNOWN_LABEL[[0, 1, 2, 3, 4, 5, 255]] = True
 
 
 def dataset_dir(data_root, dataset):
@@ -142,4 +145,12 @@ class ISPRSCrops(Dataset):
         name = self.names[index]
         image = self._read(self.root / "images" / name, self.num_channels)
         label = self._read(self.root / "labels" / name, 1)
+        if image.shape[:2] != label.shape:
+            raise UserError(f"{self.root / 'labels' / name} is {label.shape[1]}x{label.shape[0]} px but its image is "
+                            f"{image.shape[1]}x{image.shape[0]}; run `{_process_command(self.data_root, self.dataset)}` "
+                            f"again")
+        if not KNOWN_LABEL[label].all():
+            unknown = sorted(set(np.unique(label[~KNOWN_LABEL[label]]).tolist()))
+            raise UserError(f"{self.root / 'labels' / name} holds label value(s) {unknown[:5]} that are no ISPRS class "
+                            f"(0-5, 255 ignored); run `{_process_command(self.data_root, self.dataset)}` again")
         return image, label

@@ -227,6 +227,24 @@ class Method:
         if self.regularizer is not None:
             self.regularizer.after_step()
 
+    # ---------------------------------------------------------------- resume within a step
+    def resume_state(self) -> dict:
+        """Everything that changes while the step trains: the method's random generators (every
+        torch.Generator attribute, e.g. the symmetry and anchor draws) and the regulariser's running
+        state (tensors, dicts of tensors, counters; the parameters themselves travel with the model)."""
+        state = {"generators": {k: v.get_state() for k, v in vars(self).items() if isinstance(v, torch.Generator)}}
+        if self.regularizer is not None:
+            state["regularizer"] = {k: _copy_state(v) for k, v in vars(self.regularizer).items()
+                                    if k not in _REGULARIZER_FIXED and _is_state(v)}
+        return state
+
+    def load_resume_state(self, state: dict) -> None:
+        """Undo `resume_state`: in place, so tensors shared between attributes stay shared."""
+        for key, generator_state in state.get("generators", {}).items():
+            getattr(self, key).set_state(generator_state)
+        for key, value in state.get("regularizer", {}).items():
+            setattr(self.regularizer, key, _load_state(getattr(self.regularizer, key, None), value))
+
     # ---------------------------------------------------------------- state across steps
     def state_dict(self) -> dict:
         """State saved in the step checkpoint and handed to the next step's `setup`."""
@@ -239,3 +257,35 @@ class Method:
 # Hooks whose override can change step-0 training (see Method.step0_signature).
 _TRAINING_HOOKS = ("target_labels", "segmentation_loss", "distillation_losses", "extra_losses",
                    "training_losses", "setup", "before_step", "after_step", "state_dict", "uses_invariance")
+
+
+# Regulariser attributes set from options or the previous step, or the live parameters: not resume state.
+_REGULARIZER_FIXED = {"params", "previous", "importance", "alpha", "normalize", "iterations", "penalised_names",
+                      "_device", "_dtype", "_task_grads", "_grads_finite"}
+
+
+def _is_state(value) -> bool:
+    if isinstance(value, (int, float, torch.Tensor)):
+        return True
+    return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _copy_state(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: v.detach().cpu().clone() for k, v in value.items()}
+    return value
+
+
+def _load_state(current, saved):
+    if isinstance(saved, torch.Tensor) and isinstance(current, torch.Tensor):
+        return current.copy_(saved)
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for k, v in saved.items():
+            if k in current:
+                current[k].copy_(v)
+            else:
+                current[k] = v
+        return current
+    return saved

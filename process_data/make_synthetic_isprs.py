@@ -18,6 +18,7 @@ spectral signature (vegetation bright in NIR) and texture; shadows, sensor noise
 shared between classes keep it from being trivial. Deterministic for a seed.
 """
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -416,16 +417,21 @@ def _select_tiles(layout, n_train, n_test):
                             f"quirky tiles {QUIRK_LOSSY} and {QUIRK_CAR_COLOUR} are always included)")
         train = [QUIRK_LOSSY, QUIRK_CAR_COLOUR] + [t for t in train if t not in (QUIRK_LOSSY, QUIRK_CAR_COLOUR)]
     if not 1 <= n_train <= len(layout.train_tiles) or not 1 <= n_test <= len(layout.test_tiles):
-        raise UserError(f"--n_train/--n_test: {layout.name} has {len(layout.train_tiles)} train and "
+        raise UserError(f"--n_train {n_train} / --n_test {n_test}: {layout.name} has {len(layout.train_tiles)} train and "
                         f"{len(layout.test_tiles)} test tiles; ask for 1..that many")
     return [("train", t) for t in train[:n_train]] + [("test", t) for t in layout.test_tiles[:n_test]]
 
 
+def _sizes(style, tile_size, n_train, n_test):
+    """The sizes asked for, the style's defaults where None."""
+    return tuple(style[key] if value is None else int(value)
+                 for key, value in (("tile_size", tile_size), ("n_train", n_train), ("n_test", n_test)))
+
+
 def _write_folders(dataset, root, seed, tile_size, n_train, n_test, object_scale=None):
     layout = VAIHINGEN if dataset == "vaihingen" else POTSDAM
-    style = dict(STYLES[dataset], **({"scale": object_scale} if object_scale else {}))
-    tile_size = tile_size or style["tile_size"]
-    n_train, n_test = n_train or style["n_train"], n_test or style["n_test"]
+    style = dict(STYLES[dataset], **({"scale": object_scale} if object_scale is not None else {}))
+    tile_size, n_train, n_test = _sizes(style, tile_size, n_train, n_test)
     tiles = _select_tiles(layout, n_train, n_test)
     for index, (split, tile) in enumerate(tiles):
         # one generator per tile: a tile's content does not depend on how many are asked for
@@ -483,12 +489,16 @@ def generate(dataset, dst, seed=0, tile_size=None, n_train=None, n_test=None, ob
     """
     if dataset not in STYLES:
         raise UserError(f"--dataset {dataset}: choose vaihingen, potsdam or both")
-    style = STYLES[dataset]
-    _select_tiles(VAIHINGEN if dataset == "vaihingen" else POTSDAM,  # check the sizes before writing
-                  n_train or style["n_train"], n_test or style["n_test"])
-    if (tile_size or style["tile_size"]) < 32:
+    # check every size before writing anything; 0 is a value asked for, not "the default"
+    tile_size_, n_train_, n_test_ = _sizes(STYLES[dataset], tile_size, n_train, n_test)
+    _select_tiles(VAIHINGEN if dataset == "vaihingen" else POTSDAM, n_train_, n_test_)
+    if tile_size_ < 32:
         raise UserError(f"--tile_size {tile_size}: use at least 32 px")
+    if object_scale is not None and not (math.isfinite(object_scale) and object_scale > 0):
+        raise UserError(f"--object_scale {object_scale}: use a positive number (1.0 = the default look)")
     dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"--dst {dst} is a file; choose a folder")
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as err:

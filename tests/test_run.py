@@ -110,7 +110,8 @@ def test_checkpoint_with_wrong_classes(chained, data_root, capsys):
 def test_step_ckpt_of_another_task_is_rejected(chained, data_root, capsys):
     out, _, _ = chained
     argv = run_args(data_root, out, 1, task="2-1s", extra=["--step_ckpt", str(ckpt_file(out, 0))])
-    assert_user_error(capsys, argv, "classes per step [5]")
+    assert_user_error(capsys, argv, "--task 4-1", "--task 2-1s", "--allow_mismatch")  # the stored task differs
+    assert_user_error(capsys, argv + ["--allow_mismatch"], "classes per step [5]")  # and so do the classes
 
 
 def test_missing_data_root(tmp_path, capsys):

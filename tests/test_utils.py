@@ -190,14 +190,16 @@ def test_results_csv_rows_replace_and_unseen_x(tmp_path):
     assert path == tmp_path / "vaihingen_4-1-ov_MiB.csv"
 
     rows = _csv_rows(path)
-    assert rows[0] == ["step", *CLASS_NAMES, "miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc",
-                       "f1_micro", "f1_macro"]
+    # the record columns (kind, status, seed, ...) are appended after these, whose order is the format
+    assert rows[0][:14] == ["step", *CLASS_NAMES, "miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc",
+                            "f1_micro", "f1_macro"]
+    assert rows[0][14:16] == ["kind", "status"]
     assert [r[0] for r in rows[1:]] == ["0", "1"]  # sorted by step
     # step 0: building 1 TP + 1 FP -> 50, low_vegetation missed -> 0, tree seen but no ground truth -> x,
     # car not seen yet -> x, no new classes at step 0 -> x
     assert rows[1][1:7] == ["100.00", "100.00", "50.00", "0.00", "x", "x"]
     # F1 (appended columns): micro = pixel accuracy 3/4; macro over foreground with truth (1 + 2/3 + 0) / 3
-    assert rows[1][7:] == ["50.00", "x", "50.00", "62.50", "75.00", "75.00", "55.56"]
+    assert rows[1][7:14] == ["50.00", "x", "50.00", "62.50", "75.00", "75.00", "55.56"]
     # step 1: car TP 1 + FN 1 -> 50; clutter TP 1 + FP 1 -> 50
     assert rows[2][1:7] == ["50.00", "100.00", "100.00", "100.00", "100.00", "50.00"]
 

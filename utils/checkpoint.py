@@ -1,11 +1,17 @@
-"""Atomic checkpoint / file writing and the checkpoint naming of DESIGN.md §4."""
+"""Atomic checkpoint / file writing, checkpoint naming, resume helpers (RNG states, stale temps, hashes)
+and the output-folder checks made before training."""
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
+import random
+import shutil
 import uuid
 from pathlib import Path
 from typing import Callable, IO
 
+import numpy as np
 import torch
 
 from utils.errors import UserError
@@ -87,3 +93,107 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = False) -> dic
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of states; check the file")
     return state
+
+
+# ---------------------------------------------------------------------- resume, hashes, output checks
+def last_checkpoint_path(root, task: str, dataset: str, overlap: bool, name: str, step: int) -> Path:
+    """The resume ("last") checkpoint beside the step checkpoint: `<...>_<step>.last.pth`."""
+    return checkpoint_path(root, task, dataset, overlap, name, step).with_suffix(".last.pth")
+
+
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file (about 1 s per GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(paths) -> list[Path]:
+    """Remove temp files that killed atomic writes of `paths` left (`.<name>.<pid>.<hex>.tmp` of a dead pid).
+
+    Returns the removed files. Temps of a live process (a concurrent save) are kept.
+    """
+    removed = []
+    for path in map(Path, paths):
+        if not path.parent.is_dir():
+            continue
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            parts = tmp.name[len(path.name) + 2:].split(".")
+            if len(parts) == 3 and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+                try:
+                    tmp.unlink()
+                    removed.append(tmp)
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def check_writable(folder, option: str) -> Path:
+    """Create `folder` if needed and write/remove a probe file in it; a UserError naming `option` otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_probe.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(probe, "xb") as f:
+            f.write(b"0")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"cannot write to {folder} ({reason}); pass a writable folder with {option}") from None
+    return folder
+
+
+def check_free_space(folder, needed_bytes: int, what: str) -> None:
+    """UserError when the file system of `folder` has less than `needed_bytes` free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise UserError(f"{folder} has {free / 2**20:.0f} MiB free but {what} needs about "
+                        f"{needed_bytes / 2**20:.0f} MiB; free some space or choose another folder")
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor inside nested dicts/lists (a checkpoint size estimate)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def non_finite_tensors(named_tensors) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf."""
+    bad = []
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+    return bad
+
+
+def capture_rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states of this process."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -84,14 +85,19 @@ def cpu_threads_per_process(processes_on_node: int, env=None) -> int:
     return threads
 
 
-def init_distributed(local_rank_arg: int | None = None, device: str = "auto") -> DistInfo:
+DEFAULT_TIMEOUT_S = 300.0  # a stalled rank ends the run after this long, not torch's default 30 min
+
+
+def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
+                     timeout_s: float | None = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Join the process group described by the launcher's environment, or run as one process.
 
     torchrun (and launch --use-env) set RANK / WORLD_SIZE / LOCAL_RANK; the old
     torch.distributed.launch sets RANK / WORLD_SIZE and passes --local_rank, given here as
     `local_rank_arg`. Without WORLD_SIZE > 1 there is no process group. `device` is --device
     (auto, cuda or cpu; see choose_device). On the CPU the threads of each process are sized to
-    its share of the cores (see cpu_threads_per_process).
+    its share of the cores (see cpu_threads_per_process). `timeout_s` bounds every
+    collective (and the rendezvous): a rank that stalls longer makes the others fail instead of waiting.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -122,7 +128,9 @@ def init_distributed(local_rank_arg: int | None = None, device: str = "auto") ->
             f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; "
             "launch with torchrun --nproc_per_node=N run.py ... (or plain `python run.py` for one process)"
         )
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+    timeout = timedelta(seconds=float(timeout_s)) if timeout_s else None
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                            timeout=timeout)
     return DistInfo(rank, world_size, local_rank, device, True, backend)
 
 
@@ -172,6 +180,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] in a single process)."""
+    if not _initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

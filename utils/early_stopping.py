@@ -44,3 +44,12 @@ class EarlyStopping:
             return False
         model.load_state_dict(self.best_state)
         return True
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue after a resume (the best weights included)."""
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_state": self.best_state,
+                "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.best_state, self.last_epoch = state["best_state"], state["last_epoch"]

@@ -1,8 +1,15 @@
-"""Results files: one CSV row (and a JSON entry) per incremental step, re-runs replace their row."""
+"""Results files: one record per incremental step in `<dataset>_<task>[-ov]_<name>.json`, and the CSV
+derived from the same records. Every update takes a file lock, re-reads the records, changes them and
+writes the JSON and then the CSV atomically, so concurrent writers lose no row and a reader never
+sees half a file. The JSON is the source of truth: a CSV left behind by a kill between the two writes
+is rewritten at the next update, and `read_results` reads the records when the JSON is there."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
+import time
 from pathlib import Path
 
 from utils.checkpoint import atomic_write, split_suffix
@@ -10,13 +17,23 @@ from utils.errors import UserError
 
 # New columns go at the end, so that readers indexing the older ones keep working.
 SUMMARY_COLUMNS = ("miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc", "f1_micro", "f1_macro")
+# Appended after the per-class and summary columns (their order is part of the file format).
+RECORD_COLUMNS = ("kind", "status", "seed", "world_size", "effective_batch_size", "debug", "checkpoint_sha256",
+                  "previous_sha256", "git_commit")
+INT_COLUMNS = ("seed", "world_size", "effective_batch_size")
 UNDEFINED = "x"
+FORMAT_VERSION = 2
 
 
 def results_path(results_dir, dataset: str, task: str, overlap, name: str) -> Path:
     """`<results_dir>/<dataset>_<task>[-ov|-noov]_<name>.csv` (overlap: bool or a split suffix, see
     utils.checkpoint.split_suffix); the JSON twin has the same stem."""
     return Path(results_dir) / f"{dataset}_{task}{split_suffix(overlap)}_{name}.csv"
+
+
+def test_results_name(name: str, checkpoint) -> str:
+    """Results name of `--test --ckpt FILE` when FILE is not the step's own checkpoint: `<name>_test-<stem>`."""
+    return f"{name}_test-{Path(checkpoint).stem}"
 
 
 def _percent(value) -> str:
@@ -34,64 +51,177 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     return rows[0], rows[1:]
 
 
-def write_results(results_dir, dataset: str, task: str, overlap: bool, name: str, step: int, results: dict,
-                  class_names, seen_classes, opts: dict) -> Path:
-    """Write (or replace) this step's row in the CSV and its entry in the JSON twin; returns the CSV path.
+def _read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        steps = json.loads(path.read_text(encoding="utf-8"))["steps"]
+        if not isinstance(steps, dict):
+            raise TypeError("'steps' is not an object")
+        return steps
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"cannot read results file {path} ({err}); fix or move it away") from None
 
-    IoU in percent with 2 decimals; `x` for classes not seen yet, for seen classes without ground
-    truth and for undefined summaries (mIoU new at step 0).
-    """
-    csv_path = results_path(results_dir, dataset, task, overlap, name)
-    seen = set(seen_classes)
-    header = ["step", *class_names, *SUMMARY_COLUMNS]
-    iou = results["iou"]
-    class_cells = [_percent(iou[c]) if c in seen and c < len(iou) else UNDEFINED for c in range(len(class_names))]
-    row = [str(int(step)), *class_cells, *(_percent(results.get(k)) for k in SUMMARY_COLUMNS)]
 
-    rows_by_step = {}
-    if csv_path.exists():
-        old_header, old_rows = _read_csv(csv_path)
-        if old_header != header:
-            raise UserError(f"results file {csv_path} has columns {old_header}, expected {header}; move it away and re-run")
-        rows_by_step = {int(r[0]): r for r in old_rows}
-    rows_by_step[int(step)] = row
-
-    def write_csv(f):
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows_by_step[s] for s in sorted(rows_by_step))
-
-    atomic_write(csv_path, write_csv, binary=False)
-
-    json_path = csv_path.with_suffix(".json")
-    steps = {}
-    if json_path.exists():
+@contextlib.contextmanager
+def _locked(csv_path: Path):
+    """Exclusive lock on `<stem>.lock` beside the results files (held across read-modify-write)."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            steps = json.loads(json_path.read_text(encoding="utf-8"))["steps"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UserError(f"cannot read results file {json_path} ({err}); fix or move it away") from None
-    steps[str(int(step))] = {
-        **results,
-        "seen_classes": sorted(seen),
-        "class_names": list(class_names),
-        "options": opts,
-    }
-    ordered = {k: steps[k] for k in sorted(steps, key=int)}
-    atomic_write(json_path, lambda f: json.dump({"steps": ordered}, f, indent=1, default=str), binary=False)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _header(class_names) -> list[str]:
+    return ["step", *class_names, *SUMMARY_COLUMNS, *RECORD_COLUMNS]
+
+
+def _row(step: str, record: dict, class_names) -> list[str]:
+    """The CSV cells of one record."""
+    if "csv_cells" in record:  # imported from a CSV written before the JSON held every record
+        cells = list(record["csv_cells"])
+    elif "iou" in record:
+        seen, iou = set(record["seen_classes"]), record["iou"]
+        cells = [_percent(iou[c]) if c in seen and c < len(iou) else UNDEFINED for c in range(len(class_names))]
+        cells += [_percent(record.get(k)) for k in SUMMARY_COLUMNS]
+    else:  # pending: trained, not tested yet
+        cells = [UNDEFINED] * (len(class_names) + len(SUMMARY_COLUMNS))
+    checkpoint = record.get("checkpoint") or {}
+    previous = record.get("previous_checkpoint") or {}
+    extra = {"kind": record.get("kind"), "status": record.get("status"), "seed": record.get("seed"),
+             "world_size": record.get("world_size"), "effective_batch_size": record.get("effective_batch_size"),
+             "debug": {True: "1", False: "0"}.get(record.get("debug"), ""),
+             "checkpoint_sha256": checkpoint.get("sha256"), "previous_sha256": previous.get("sha256"),
+             "git_commit": record.get("git_commit")}
+    return [step, *cells, *("" if extra[k] is None else str(extra[k]) for k in RECORD_COLUMNS)]
+
+
+def _import_csv(csv_path: Path, class_names) -> dict:
+    """Records from a CSV without a JSON twin (files of earlier versions); its first columns must match."""
+    header, rows = _read_csv(csv_path)
+    fixed = 1 + len(class_names) + len(SUMMARY_COLUMNS)
+    if header[:fixed] != _header(class_names)[:fixed]:
+        raise UserError(f"results file {csv_path} has columns {header}, expected {_header(class_names)[:fixed]} "
+                        f"first; move it away and re-run")
+    return {r[0]: {"csv_cells": r[1:fixed], "status": "imported"} for r in rows}
+
+
+def update_records(csv_path, class_names, change) -> Path:
+    """Under the lock: read the records, call `change(steps)` (a dict step -> record, changed in place),
+    write the JSON, then the CSV derived from it. Returns the CSV path."""
+    csv_path = Path(csv_path)
+    json_path = csv_path.with_suffix(".json")
+    with _locked(csv_path):
+        steps = _read_json(json_path)
+        if steps is None:
+            steps = _import_csv(csv_path, class_names) if csv_path.exists() else {}
+        change(steps)
+        ordered = {k: steps[k] for k in sorted(steps, key=int)}
+        payload = {"format_version": FORMAT_VERSION, "steps": ordered}
+        atomic_write(json_path, lambda f: json.dump(payload, f, indent=1, default=str), binary=False)
+
+        def write_csv(f):
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(_header(class_names))
+            writer.writerows(_row(k, record, class_names) for k, record in ordered.items())
+
+        atomic_write(csv_path, write_csv, binary=False)
     return csv_path
 
 
+def _stale_later_steps(steps: dict, step: int, sha256: str | None) -> list[int]:
+    """Mark the records of steps > `step` stale when step+1 was not trained from the checkpoint `sha256`."""
+    following = steps.get(str(step + 1))
+    previous = (following or {}).get("previous_checkpoint") or {}
+    if following is None or sha256 is None or previous.get("sha256") == sha256:
+        return []
+    marked = []
+    for key, record in steps.items():
+        if int(key) > step and not str(record.get("status", "")).startswith("stale"):
+            record["status"] = f"stale: step {step} re-trained after it"
+            marked.append(int(key))
+    return sorted(marked)
+
+
+def mark_pending(results_dir, dataset: str, task: str, overlap: bool, name: str, step: int, record: dict,
+                 class_names) -> list[int]:
+    """Right after a step's checkpoint is written: its row becomes `pending` (no numbers) until its test
+    writes the new ones, and later steps trained from the replaced checkpoint are marked stale.
+    Returns the steps marked stale."""
+    class_names = list(class_names)
+    marked: list[int] = []
+
+    def change(steps):
+        steps[str(int(step))] = {**record, "status": "pending", "written_at": _now()}
+        marked.extend(_stale_later_steps(steps, int(step), (record.get("checkpoint") or {}).get("sha256")))
+
+    update_records(results_path(results_dir, dataset, task, overlap, name), class_names, change)
+    return marked
+
+
+def write_results(results_dir, dataset: str, task: str, overlap: bool, name: str, step: int, results: dict,
+                  class_names, seen_classes, opts: dict, record: dict | None = None) -> Path:
+    """Write (or replace) this step's record and row; returns the CSV path.
+
+    IoU in percent with 2 decimals; `x` for classes not seen yet, for seen classes without ground
+    truth and for undefined summaries (mIoU new at step 0). `record` adds the run's provenance (kind,
+    seed, world size, effective batch size, git commit, debug, checkpoint and previous checkpoint
+    with their sha256). A stale mark survives a re-test of the same checkpoint.
+    """
+    csv_path = results_path(results_dir, dataset, task, overlap, name)
+    record = dict(record or {})
+    entry = {
+        **results,
+        "seen_classes": sorted(set(seen_classes)),
+        "class_names": list(class_names),
+        "options": opts,
+        **record,
+        "written_at": _now(),
+    }
+    entry.setdefault("status", "ok")
+
+    def change(steps):
+        old = steps.get(str(int(step))) or {}
+        same_model = (old.get("checkpoint") or {}).get("sha256") == (record.get("checkpoint") or {}).get("sha256")
+        if same_model and str(old.get("status", "")).startswith("stale"):
+            entry["status"] = old["status"]
+        steps[str(int(step))] = entry
+        if record.get("kind") == "train":
+            _stale_later_steps(steps, int(step), (record.get("checkpoint") or {}).get("sha256"))
+
+    return update_records(csv_path, list(class_names), change)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _parse(column: str, cell: str):
+    if cell in ("", UNDEFINED):
+        return None
+    if column in RECORD_COLUMNS:
+        return int(cell) if column in INT_COLUMNS else cell
+    return float(cell)
+
+
 def read_results(csv_path) -> list[dict]:
-    """Rows of a results CSV as dicts: `step` int, numbers as float percent, `x` / empty as None."""
+    """Rows of a results file as dicts: `step` int, IoU/summary columns as float percent (`x` -> None),
+    seed/world_size/effective_batch_size int, other record columns str (empty -> None). The records of
+    the JSON twin are read when it exists (the CSV is derived from them)."""
     path = Path(csv_path)
     if not path.is_file():
         raise UserError(f"results file {path} does not exist; run a step first or check the path")
+    steps = _read_json(path.with_suffix(".json"))
     header, rows = _read_csv(path)
-
-    def parse(cell: str):
-        return None if cell in ("", UNDEFINED) else float(cell)
-
-    return [{"step": int(r[0]), **{col: parse(cell) for col, cell in zip(header[1:], r[1:])}} for r in rows]
+    if steps is not None:
+        n_classes = len(header) - 1 - len(SUMMARY_COLUMNS) - sum(c in RECORD_COLUMNS for c in header)
+        class_names = header[1:1 + n_classes]
+        header = _header(class_names)
+        rows = [_row(k, record, class_names) for k, record in sorted(steps.items(), key=lambda kv: int(kv[0]))]
+    return [{"step": int(r[0]), **{col: _parse(col, cell) for col, cell in zip(header[1:], r[1:])}} for r in rows]
 
 
 def summarize(csv_paths) -> str:
@@ -107,6 +237,9 @@ def summarize(csv_paths) -> str:
         method = parts[2] if len(parts) == 3 else Path(path).stem
         setting = f" ({parts[0]} {parts[1]})" if len(parts) == 3 else ""
         for row in read_results(path):
-            lines.append(f"| {method}{setting} | {row['step']} | {show(row['miou_old'])} | "
+            marks = [m for m in (row.get("status") if row.get("status") not in (None, "ok") else None,
+                                 "debug" if row.get("debug") == "1" else None) if m]
+            note = f" ({', '.join(marks)})" if marks else ""
+            lines.append(f"| {method}{setting}{note} | {row['step']} | {show(row['miou_old'])} | "
                          f"{show(row['miou_new'])} | {show(row['miou_all'])} |")
     return "\n".join(lines)
