@@ -56,3 +56,13 @@ def assert_every_split_nonempty(root, dataset):
         for step, size in enumerate(sizes):
             assert size > 0, f"{dataset} {folder} step {step} is empty"
             assert len(np.load(root / dataset / folder / f"train-{step}.npy")) == size
+
+
+def png_only_copy(data_root, dataset, root):
+    """Copy `dataset` to `root` as a folder processed before the crop store existed (PNG crops only)."""
+    import json
+    import shutil
+    shutil.copytree(data_root / dataset, root / dataset, ignore=shutil.ignore_patterns("images.npy", "labels.npy"))
+    meta = json.loads((root / dataset / "meta.json").read_text())
+    del meta["store"]
+    (root / dataset / "meta.json").write_text(json.dumps(meta))

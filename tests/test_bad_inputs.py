@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import run
+from tests.conftest import png_only_copy
 from tests.test_run import ROOT, assert_user_error, run_args
 
 OPTION_CASES = [
@@ -107,8 +108,9 @@ def test_iabn_sync_checkpoint_is_compatible_with_iabn(step0, data_root, tmp_path
 
 
 def _broken_copy(data_root, tmp_path, damage):
+    """PNG crops (the store cannot hold a label of another size) with damaged training labels."""
     root = tmp_path / "data"
-    shutil.copytree(data_root / "vaihingen", root / "vaihingen")
+    png_only_copy(data_root, "vaihingen", root)
     for label in sorted((root / "vaihingen" / "train" / "labels").glob("*.png")):
         array = np.array(Image.open(label))
         Image.fromarray(damage(array)).save(label)

@@ -23,6 +23,8 @@ from utils.optimizer import make_optimizer
 from utils.distributed import DistInfo
 from utils.errors import UserError
 
+from tests.conftest import png_only_copy
+
 
 def opts(data_root, **overrides):
     base = dict(data_root=str(data_root), dataset="vaihingen", task="4-1", step=0, overlap=False,
@@ -44,16 +46,9 @@ def test_store_holds_exactly_the_png_crops(data_root, dataset):
             assert np.array_equal(label, read_png(data_root / dataset / split / "labels" / name))
 
 
-def _png_only_copy(data_root, dataset, root):
-    shutil.copytree(data_root / dataset, root / dataset, ignore=shutil.ignore_patterns("images.npy", "labels.npy"))
-    meta = json.loads((root / dataset / "meta.json").read_text())
-    del meta["store"]
-    (root / dataset / "meta.json").write_text(json.dumps(meta))
-
-
 def test_png_folder_falls_back_with_a_hint_and_converts(data_root, tmp_path, capsys):
     root = tmp_path / "data"
-    _png_only_copy(data_root, "potsdam", root)
+    png_only_copy(data_root, "potsdam", root)
     png = ISPRSCrops(root, "potsdam", "train")
     assert not png.uses_store
     assert "make_crop_store.py --data_root" in capsys.readouterr().err
@@ -67,7 +62,7 @@ def test_png_folder_falls_back_with_a_hint_and_converts(data_root, tmp_path, cap
 
 def test_conversion_of_damaged_pngs_leaves_the_dataset_as_it_was(data_root, tmp_path, capsys):
     root = tmp_path / "data"
-    _png_only_copy(data_root, "vaihingen", root)
+    png_only_copy(data_root, "vaihingen", root)
     meta_before = (root / "vaihingen" / "meta.json").read_text()
     name = json.loads(meta_before)["test"]["crops"][-1]
     (root / "vaihingen" / "test" / "labels" / name).write_bytes(b"junk")

@@ -27,7 +27,7 @@ def opts(data_root, **overrides):
 
 
 def reference_remap(value, new, old, mode):
-    """DESIGN §3.5 written out for one label value (classes = channel indices for these tasks)."""
+    """The label remapping of docs/data.md written out for one label value (classes = channel indices for these tasks)."""
     if value == 255 or value > 5:
         return 255
     if mode == "train":

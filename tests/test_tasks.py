@@ -1,4 +1,4 @@
-"""tasks.py: task dictionaries of DESIGN §3.2 and the helpers reading them."""
+"""tasks.py: task dictionaries (docs/data.md#tasks) and the helpers reading them."""
 import numpy as np
 import pytest
 

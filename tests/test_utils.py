@@ -258,7 +258,7 @@ def _event_records(logdir):
 
 @pytest.fixture
 def colormap_module(monkeypatch):
-    """The real utils.colormap when it exists, else a stand-in with the DESIGN.md palette."""
+    """The real utils.colormap when it exists, else a stand-in with the palette of docs/data.md."""
     try:
         import utils.colormap as colormap
     except ImportError:
