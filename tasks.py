@@ -1,4 +1,4 @@
-"""Incremental tasks per dataset, in two families with their own label convention (DESIGN §3.2).
+"""Incremental tasks per dataset, in two families with their own label convention (docs/data.md#tasks).
 
 A task maps each step to the ISPRS classes it introduces (0 clutter, 1 impervious surfaces,
 2 building, 3 low vegetation, 4 tree, 5 car; utils/colormap.py). The family fixes what the

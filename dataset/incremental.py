@@ -1,6 +1,6 @@
 """Incremental view of a crop dataset: the crops of a split file and per-step label remapping.
 
-Remapping (DESIGN §3.5) is a 256-entry lookup table applied to the whole label at once; the
+Remapping (docs/data.md#label-remapping-per-step) is a 256-entry lookup table applied to the whole label at once; the
 task's family (tasks.py) fixes the background channel 0 and the channel of every class.
 MiCro's family (clutter is the background, channel = position in the task order):
 - train: classes of the current step -> their channel; clutter, old and future classes -> 0;

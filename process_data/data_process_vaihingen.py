@@ -1,4 +1,4 @@
-"""Process the ISPRS Vaihingen archives into crops, meta.json and split files (DESIGN.md §3.4).
+"""Process the ISPRS Vaihingen archives into crops, meta.json and split files (docs/data.md#processing).
 
     python process_data/data_process_vaihingen.py --src RAW --dst DATA_ROOT [--crop_size 512] [--stride 512]
         [--test_labels eroded|complete] [--seed 42] [--min_pixels N] [--splits_only] [--png]

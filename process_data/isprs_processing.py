@@ -1,4 +1,4 @@
-"""Shared code of the ISPRS processing scripts (DESIGN §3.3-§3.4).
+"""Shared code of the ISPRS processing scripts (docs/data.md: raw and processed layouts).
 
 raw archives (zipped or extracted) -> the crop store `<dst>/<dataset>/{train,test}/{images,labels}.npy`
 (uint8, memory-mapped by the loader; optional PNG previews `{train,test}/{images,labels}/*.png`),
@@ -707,7 +707,7 @@ def print_report(meta):
 def build_parser(layout):
     parser = argparse.ArgumentParser(
         description=f"Crop the ISPRS {layout.name} archives into the crop store, meta.json and the split "
-                    f"files of every task (DESIGN.md §3.4).")
+                    f"files of every task (docs/data.md#processing).")
     parser.add_argument("--src", help="folder holding the downloaded archives, zipped or extracted")
     parser.add_argument("--dst", required=True, help="data root; the dataset goes to DST/" + layout.name)
     parser.add_argument("--crop_size", type=int, default=512)

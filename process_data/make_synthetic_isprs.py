@@ -1,4 +1,4 @@
-"""Synthetic ISPRS look-alike archives: small city tiles in the exact raw layout of DESIGN §3.3.
+"""Synthetic ISPRS look-alike archives: small city tiles in the exact raw layout of docs/data.md#raw-layout.
 
     python process_data/make_synthetic_isprs.py --dataset vaihingen|potsdam|both --dst RAW
         [--seed 0] [--tile_size PX] [--n_train N] [--n_test N] [--zip [--keep_folders]]

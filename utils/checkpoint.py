@@ -140,24 +140,34 @@ def remove_stale_temps(paths) -> list[Path]:
     return removed
 
 
+def _closest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(folder, option: str) -> Path:
-    """Create `folder` if needed and write/remove a probe file in it; a UserError naming `option` otherwise."""
+    """Write/remove a probe file in `folder`, or, while it does not exist yet, in the closest folder above
+    it that does (so a run that fails later leaves no empty folders); a UserError naming `option` otherwise."""
     folder = Path(folder)
+    existing = _closest_existing(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_probe.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        probe = existing / f".write_probe.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         with open(probe, "xb") as f:
             f.write(b"0")
         probe.unlink()
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise UserError(f"cannot write to {folder} ({reason}); pass a writable folder with {option}") from None
+        where = folder if existing == folder else f"{folder} (at {existing})"
+        raise UserError(f"cannot write to {where} ({reason}); pass a writable folder with {option}") from None
     return folder
 
 
 def check_free_space(folder, needed_bytes: int, what: str) -> None:
     """UserError when the file system of `folder` has less than `needed_bytes` free."""
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(_closest_existing(Path(folder))).free
     if free < needed_bytes:
         raise UserError(f"{folder} has {free / 2**20:.0f} MiB free but {what} needs about "
                         f"{needed_bytes / 2**20:.0f} MiB; free some space or choose another folder")

@@ -1,4 +1,4 @@
-"""ISPRS class names and colours (DESIGN §3.1): colour label images <-> class index maps."""
+"""ISPRS class names and colours (docs/data.md#classes-and-colours): colour label images <-> class index maps."""
 import numpy as np
 
 CLASS_NAMES = ("clutter", "impervious surfaces", "building", "low vegetation", "tree", "car")

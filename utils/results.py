@@ -103,10 +103,14 @@ def _import_csv(csv_path: Path, class_names) -> dict:
     """Records from a CSV without a JSON twin (files of earlier versions); its first columns must match."""
     header, rows = _read_csv(csv_path)
     fixed = 1 + len(class_names) + len(SUMMARY_COLUMNS)
-    if header[:fixed] != _header(class_names)[:fixed]:
-        raise UserError(f"results file {csv_path} has columns {header}, expected {_header(class_names)[:fixed]} "
+    expected = _header(class_names)[:fixed]
+    oldest = 1 + len(class_names) + SUMMARY_COLUMNS.index("overall_acc") + 1  # columns every version wrote first
+    if header[:oldest] != expected[:oldest]:
+        raise UserError(f"results file {csv_path} has columns {header}, expected {expected} "
                         f"first; move it away and re-run")
-    return {r[0]: {"csv_cells": r[1:fixed], "status": "imported"} for r in rows}
+    position = {column: i for i, column in enumerate(header[:fixed])}
+    return {r[0]: {"csv_cells": [r[position[c]] if c in position else UNDEFINED for c in expected[1:]],
+                   "status": "imported"} for r in rows}
 
 
 def update_records(csv_path, class_names, change) -> Path:
