@@ -83,7 +83,8 @@ def main(argv=None):
                str(args.crop), "--norm_act", norm_act]
         out = subprocess.run(cmd, env={**os.environ, "MICRO_PURE_ABN": pure}, capture_output=True, text=True)
         if out.returncode != 0:
-            print(f"| {label} | failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode} | |")
+            reason = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
+            print(f"| {label} | failed: {reason} | |")
             continue
         row = json.loads(out.stdout.strip().splitlines()[-1])
         results[label] = row["peak_mib"]

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dataset.transforms import (Compose, Normalize, RandomHorizontalFlip, RandomRotation90, RandomVerticalFlip,
-                                ToTensor)
+from dataset.transforms import Compose, Normalize, RandomHorizontalFlip, RandomRotation90, RandomVerticalFlip, ToTensor
 
 
 def read_png(path):

@@ -150,7 +150,7 @@ def main(argv=None):
         for name, opts in (("MiB", opts_mib), ("MiCro", opts_micro)):
             method = (MiB if name == "MiB" else MiCro)(opts, step, classes)
 
-            def iteration():
+            def iteration(opts=opts, method=method):
                 model.zero_grad(set_to_none=True)
                 with autocast(opts, device):
                     terms = method.training_losses(model, old_model, images, labels)
@@ -162,8 +162,10 @@ def main(argv=None):
             if device.type == "cuda":
                 memory[name] = torch.cuda.max_memory_allocated(device) / 2**30
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n**device** {device_name} | batch {batch} | crop {size} | {opts_micro.backbone} OS{opts_micro.output_stride} | "
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({torch.get_num_threads()} threads)")
+    print(f"\n**device** {device_name} | batch {batch} | crop {size} | {opts_micro.backbone} "
+          f"OS{opts_micro.output_stride} | "
           f"{opts_micro.norm_act} | {opts_micro.opt_level} | step {step} of {opts_micro.task} | micro_pool "
           f"{opts_micro.micro_pool}, anchors {opts_micro.micro_anchors} | median of {args.iters}\n")
     print("| measurement | ms |")

@@ -110,7 +110,8 @@ def bad_inputs(out: Path) -> list[str]:
         print(rows[-1], flush=True)
     proc = cli(["process_data/make_synthetic_isprs.py", "--dataset", "vaihingen", "--dst", str(base / "raw0"),
                 "--n_train", "0"])
-    rows.append(f"| make_synthetic_isprs.py --n_train 0 | `{proc.stderr.strip().splitlines()[-1].replace('`', chr(39))}` | "
+    last_line = proc.stderr.strip().splitlines()[-1].replace('`', chr(39))
+    rows.append(f"| make_synthetic_isprs.py --n_train 0 | `{last_line}` | "
                 f"{proc.returncode} |")
     return rows
 

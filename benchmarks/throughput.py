@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 import run  # noqa: E402
 from argparser import parse_args  # noqa: E402
 from benchmarks.legacy_pipeline import legacy_train_transform, read_png  # noqa: E402
-from dataset import BatchNormalize, IncrementalDataset, get_datasets, label_lut, load_meta  # noqa: E402
+from dataset import BatchNormalize, IncrementalDataset, label_lut, load_meta  # noqa: E402
 from dataset.isprs import ISPRSCrops  # noqa: E402
 from dataset.transforms import train_transform  # noqa: E402
 from methods import get_method_class  # noqa: E402
@@ -46,8 +46,8 @@ from modules import make_model  # noqa: E402
 from process_data.isprs_processing import POTSDAM, process_dataset  # noqa: E402
 from process_data.make_synthetic_isprs import generate  # noqa: E402
 from train import Trainer, compile_model  # noqa: E402
-from utils.optimizer import make_optimizer  # noqa: E402
 from utils.distributed import DistInfo  # noqa: E402
+from utils.optimizer import make_optimizer  # noqa: E402
 
 CROP = 512
 # dense peak FLOP/s: (16-bit tensor cores, TF32 tensor cores); fp32 convolutions run as TF32 in cuDNN

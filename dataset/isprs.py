@@ -8,9 +8,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.errors import UserError
-
 from utils.crop_store import KINDS, STORE_VERSION, open_store_array, store_file
+from utils.errors import UserError
 
 META_VERSION = 1
 DATASETS = ("vaihingen", "potsdam")
@@ -147,7 +146,8 @@ class ISPRSCrops(Dataset):
         label = self._read(self.root / "labels" / name, 1)
         if image.shape[:2] != label.shape:
             raise UserError(f"{self.root / 'labels' / name} is {label.shape[1]}x{label.shape[0]} px but its image is "
-                            f"{image.shape[1]}x{image.shape[0]}; run `{_process_command(self.data_root, self.dataset)}` "
+                            f"{image.shape[1]}x{image.shape[0]}; run "
+                            f"`{_process_command(self.data_root, self.dataset)}` "
                             f"again")
         if not KNOWN_LABEL[label].all():
             unknown = sorted(set(np.unique(label[~KNOWN_LABEL[label]]).tolist()))

@@ -12,7 +12,6 @@ are the per-item float equivalent.
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def _coin(p):

@@ -5,7 +5,8 @@ raw archives (zipped or extracted) -> the crop store `<dst>/<dataset>/{train,tes
 `meta.json` and the split files of every task in tasks.py (every filter mode of its family).
 
 Layout of the processed dataset:
-- crops are named `<tile>_<row>_<col>.png` (also the preview file name; row/col = grid position, zero padded); the crop grid
+- crops are named `<tile>_<row>_<col>.png` (also the preview file name; row/col = grid position, zero
+  padded); the crop grid
   is stride based with the last row/column aligned to the tile edge, so every pixel is covered;
   a tile smaller than the crop is padded (image 0, label 255);
 - meta.json lists the train and test crop names SORTED; split files (MiCro's tasks:
@@ -36,8 +37,8 @@ except ImportError:  # pragma: no cover
         return iterable
 
 import tasks as task_defs
-from utils.crop_store import STORE_VERSION, NpyAppender, store_file
 from utils.colormap import CLASS_NAMES, IGNORE_INDEX, PALETTE, count_off_palette, decode_colors
+from utils.crop_store import STORE_VERSION, NpyAppender, store_file
 from utils.errors import UserError, exit_on_user_error
 
 NUM_CLASSES = len(CLASS_NAMES)
@@ -721,7 +722,7 @@ def build_parser(layout):
                         help="pixels of a class for a crop to contain it (default 0.1%% of a crop; "
                              "with --splits_only the value in meta.json)")
     parser.add_argument("--splits_only", action="store_true",
-                        help="only rewrite the split files from DST/%s/meta.json" % layout.name)
+                        help=f"only rewrite the split files from DST/{layout.name}/meta.json")
     if len(layout.channel_choices) > 1:
         parser.add_argument("--channels", choices=layout.channel_choices,
                             default=layout.default_channels,

@@ -8,7 +8,6 @@ complete, so an interrupted conversion leaves the PNG dataset as it was. The PNG
 previews unless --remove_png.
 """
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dataset.isprs import DATASETS, load_meta  # noqa: E402
-from utils.crop_store import STORE_VERSION, NpyAppender, store_file  # noqa: E402
 from process_data.isprs_processing import _atomic_write_json  # noqa: E402
+from utils.crop_store import STORE_VERSION, NpyAppender, store_file  # noqa: E402
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
 
 

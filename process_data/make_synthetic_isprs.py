@@ -417,8 +417,8 @@ def _select_tiles(layout, n_train, n_test):
                             f"quirky tiles {QUIRK_LOSSY} and {QUIRK_CAR_COLOUR} are always included)")
         train = [QUIRK_LOSSY, QUIRK_CAR_COLOUR] + [t for t in train if t not in (QUIRK_LOSSY, QUIRK_CAR_COLOUR)]
     if not 1 <= n_train <= len(layout.train_tiles) or not 1 <= n_test <= len(layout.test_tiles):
-        raise UserError(f"--n_train {n_train} / --n_test {n_test}: {layout.name} has {len(layout.train_tiles)} train and "
-                        f"{len(layout.test_tiles)} test tiles; ask for 1..that many")
+        raise UserError(f"--n_train {n_train} / --n_test {n_test}: {layout.name} has {len(layout.train_tiles)} "
+                        f"train and {len(layout.test_tiles)} test tiles; ask for 1..that many")
     return [("train", t) for t in train[:n_train]] + [("test", t) for t in layout.test_tiles[:n_test]]
 
 
@@ -433,7 +433,7 @@ def _write_folders(dataset, root, seed, tile_size, n_train, n_test, object_scale
     style = dict(STYLES[dataset], **({"scale": object_scale} if object_scale is not None else {}))
     tile_size, n_train, n_test = _sizes(style, tile_size, n_train, n_test)
     tiles = _select_tiles(layout, n_train, n_test)
-    for index, (split, tile) in enumerate(tiles):
+    for index, (_split, tile) in enumerate(tiles):
         # one generator per tile: a tile's content does not depend on how many are asked for
         rng = np.random.default_rng([seed, 0 if dataset == "vaihingen" else 1, index])
         h, w = _tile_shape(rng, dataset, tile_size)

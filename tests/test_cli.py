@@ -1,17 +1,14 @@
 """Command-line polish: help defaults, presets, name validation, no abbreviations, errors under a launcher,
 suggested commands that keep the launcher, and the device / thread checks."""
-import argparse
 import os
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
-import argparser
 import run
 from argparser import HelpFormatter, build_parser, did_you_mean, parse_args
 from methods import METHODS
@@ -134,7 +131,8 @@ def test_torchrun_user_error_is_one_line(tmp_path, free_port):
      "python -m torch.distributed.launch --nproc_per_node=4 run.py --step 0"),
     (["--step", "0", "--local_rank", "0"], {"WORLD_SIZE": "2"},
      "python -m torch.distributed.launch --nproc_per_node=2 run.py --step 0"),
-    (["--step", "0"], {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, "torchrun --nproc_per_node=4 --nnodes=2 run.py --step 0"),
+    (["--step", "0"], {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"},
+     "torchrun --nproc_per_node=4 --nnodes=2 run.py --step 0"),
 ])
 def test_relaunch_command_keeps_the_launcher(argv, env, expected):
     assert " ".join(relaunch_command(argv, env=env)) == expected

@@ -18,12 +18,11 @@ from dataset.transforms import RandomScaleCrop, train_transform
 from methods import get_method_class
 from modules import make_model
 from process_data import make_crop_store
+from tests.conftest import png_only_copy
 from train import Trainer, compile_model, unwrap
-from utils.optimizer import make_optimizer
 from utils.distributed import DistInfo
 from utils.errors import UserError
-
-from tests.conftest import png_only_copy
+from utils.optimizer import make_optimizer
 
 
 def opts(data_root, **overrides):
@@ -70,7 +69,8 @@ def test_conversion_of_damaged_pngs_leaves_the_dataset_as_it_was(data_root, tmp_
         make_crop_store.main(["--data_root", str(root), "--dataset", "vaihingen", "--quiet"])
     assert exc.value.code == 2 and name in capsys.readouterr().err.strip().splitlines()[-1]
     assert (root / "vaihingen" / "meta.json").read_text() == meta_before
-    assert not list((root / "vaihingen").rglob("*.npy.*")) and not (root / "vaihingen" / "train" / "images.npy").exists()
+    assert not list((root / "vaihingen").rglob("*.npy.*"))
+    assert not (root / "vaihingen" / "train" / "images.npy").exists()
 
 
 def _store_copy(data_root, root):
@@ -175,7 +175,7 @@ def test_evaluation_inputs_and_predictions_equal_the_old_path(data_root):
     normalize = BatchNormalize(meta["mean"], meta["std"])
     loader = torch.utils.data.DataLoader(test, batch_size=5)
     names, offset = test.names, 0
-    for images, labels in loader:
+    for images, _labels in loader:
         new_inputs = normalize(images)
         old_inputs = torch.stack([
             old(read_png(data_root / "vaihingen" / "test" / "images" / n), np.zeros((1, 1), np.uint8))[0]

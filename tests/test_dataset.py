@@ -11,8 +11,18 @@ import torch
 import tasks
 from dataset import get_datasets, label_lut, load_meta, split_file
 from dataset.isprs import ISPRSCrops
-from dataset.transforms import (BatchNormalize, Compose, Normalize, RandomHorizontalFlip, RandomRotation90, RandomScaleCrop,
-                                RandomVerticalFlip, ToTensor, eval_transform, train_transform)
+from dataset.transforms import (
+    BatchNormalize,
+    Compose,
+    Normalize,
+    RandomHorizontalFlip,
+    RandomRotation90,
+    RandomScaleCrop,
+    RandomVerticalFlip,
+    ToTensor,
+    eval_transform,
+    train_transform,
+)
 from utils.errors import UserError
 
 ALL_STEPS = [(dataset, task, step) for dataset in ("vaihingen", "potsdam")
@@ -27,7 +37,7 @@ def opts(data_root, **overrides):
 
 
 def reference_remap(value, new, old, mode):
-    """The label remapping of docs/data.md written out for one label value (classes = channel indices for these tasks)."""
+    """The label remapping of docs/data.md written out for one label value (classes = channel indices here)."""
     if value == 255 or value > 5:
         return 255
     if mode == "train":

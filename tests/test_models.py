@@ -145,7 +145,8 @@ def test_missing_pretrained_file_names_the_path(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="nowhere.pth"):
         build_backbone("resnet18", "std", pretrained=tmp_path / "nowhere.pth")
     # iabn and iabn_sync share weight files
-    torch.save(build_backbone("resnet18", "iabn", pretrained=False).state_dict(), tmp_path / "resnet18_iabn_sync.pth.tar")
+    torch.save(build_backbone("resnet18", "iabn", pretrained=False).state_dict(),
+               tmp_path / "resnet18_iabn_sync.pth.tar")
     assert isinstance(make_model(opts(no_pretrained=False, norm_act="iabn"), [3]), IncrementalSegmentationModule)
 
 
@@ -433,7 +434,8 @@ def test_fix_bn_freezes_affine_parameters_and_running_stats_only_when_strict(nor
     free = make_model(opts(norm_act=norm_act), [2])
     before = {k: v.clone() for k, v in free.state_dict().items()}
     train_step(free)
-    assert not torch.equal(free.body.mod2.block1.convs.bn1.running_mean, before["body.mod2.block1.convs.bn1.running_mean"])
+    assert not torch.equal(free.body.mod2.block1.convs.bn1.running_mean,
+                           before["body.mod2.block1.convs.bn1.running_mean"])
 
     model = make_model(opts(norm_act=norm_act), [2])
     model.load_state_dict(before)
@@ -442,7 +444,8 @@ def test_fix_bn_freezes_affine_parameters_and_running_stats_only_when_strict(nor
     after = model.state_dict()
     norm_modules = {name for name, m in model.named_modules() if isinstance(m, models.norm_act.NORM_LAYER_TYPES)}
     affine = [k for k in before if k.rsplit(".", 1)[0] in norm_modules and k.rsplit(".", 1)[1] in ("weight", "bias")]
-    stats = [k for k in before if k.rsplit(".", 1)[0] in norm_modules and k.rsplit(".", 1)[1] in ("running_mean", "running_var")]
+    stats = [k for k in before
+             if k.rsplit(".", 1)[0] in norm_modules and k.rsplit(".", 1)[1] in ("running_mean", "running_var")]
     assert len(affine) > 40 and len(stats) > 40  # every norm layer of the ResNet-18 body and the head
     for key in affine:
         assert torch.equal(after[key], before[key]), key

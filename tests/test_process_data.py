@@ -14,9 +14,18 @@ from PIL import Image
 
 import tasks
 from process_data import data_process_potsdam, data_process_vaihingen
-from process_data.isprs_processing import (COUNT_COLUMNS, POTSDAM, VAIHINGEN, RawSource, class_presence,
-                                           crop_positions, disjoint_split, overlapped_split,
-                                           process_dataset, to_hwc)
+from process_data.isprs_processing import (
+    COUNT_COLUMNS,
+    POTSDAM,
+    VAIHINGEN,
+    RawSource,
+    class_presence,
+    crop_positions,
+    disjoint_split,
+    overlapped_split,
+    process_dataset,
+    to_hwc,
+)
 from process_data.make_synthetic_isprs import generate
 from tests.conftest import FIXTURE_CROP, assert_every_split_nonempty
 from utils.colormap import decode_colors
@@ -89,7 +98,7 @@ def test_synthetic_labels_quirks_and_erosion(raw_root):
 def test_rgbir_is_planar_pil_cannot_open_it_and_it_reads_as_4_bands(raw_root):
     path = raw_root / "4_Ortho_RGBIR" / "top_potsdam_2_10_RGBIR.tif"
     assert tifffile.imread(path).shape[0] == 4  # stored C, H, W
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whichever error PIL raises for a planar 4-band TIFF
         with Image.open(path) as img:
             img.load()
     with RawSource(raw_root, POTSDAM.wanted_folders()) as source:

@@ -47,7 +47,8 @@ def test_paper_protocol_needs_a_divisor_of_24():
 def test_paper_scripts_are_campaigns(tmp_path):
     jobs = tmp_path / "jobs.txt"
     proc = bash("scripts/paper/all.sh", "potsdam", "4-1", "1s", "--", "--overlap",
-                env={"NGPUS": "2", "SEEDS": "1 2", "DATA_ROOT": str(tmp_path), "CAMPAIGN_ARGS": f"--emit_commands {jobs}"})
+                env={"NGPUS": "2", "SEEDS": "1 2", "DATA_ROOT": str(tmp_path),
+                     "CAMPAIGN_ARGS": f"--emit_commands {jobs}"})
     assert proc.returncode == 0, proc.stderr
     assert "step 0 of potsdam 4-1 overlap: shared by FT, LWF, ILT, MiB, HCISS" in proc.stdout
     # 10 methods x (2 + 5 steps) x 2 seeds, minus 4 shared step 0 trainings per task and seed

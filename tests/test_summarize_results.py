@@ -13,8 +13,16 @@ import tasks
 from utils.colormap import CLASS_NAMES
 from utils.errors import UserError
 from utils.result_figures import per_class_figure, steps_figure
-from utils.result_tables import (collect, effective_name, paper_tables, per_class_tables, split_seed, to_csv,
-                                 to_latex, to_markdown)
+from utils.result_tables import (
+    collect,
+    effective_name,
+    paper_tables,
+    per_class_tables,
+    split_seed,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
 from utils.results import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +188,8 @@ def test_a_task_unknown_to_tasks_py_ends_at_its_last_step_in_the_file(tmp_path):
 
 
 def test_columns_appended_to_results_files_are_tolerated(tmp_path):
-    header = ["step", *CLASS_NAMES, "miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc", "f1_macro", "seed"]
+    header = ["step", *CLASS_NAMES, "miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc", "f1_macro",
+              "seed"]
     rows = [["0", "10", "20", "30", "40", "50", "x", "35.00", "x", "35.00", "30.00", "60.00", "0.5", "42"],
             ["1", "11", "21", "31", "41", "51", "61", "36.00", "61.00", "41.00", "36.00", "61.00", "0.6", "42"]]
     (tmp_path / "vaihingen_4-1_FT.csv").write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n")

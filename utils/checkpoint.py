@@ -8,8 +8,9 @@ import os
 import random
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO
 
 import numpy as np
 import torch
@@ -84,7 +85,8 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = False) -> dic
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; train that step first or pass the right file with --ckpt/--step_ckpt")
+        raise UserError(f"checkpoint {path} does not exist; train that step first or pass the right file with "
+                        f"--ckpt/--step_ckpt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:  # truncated file, not a torch file, pickle errors ...
@@ -195,7 +197,8 @@ def non_finite_tensors(named_tensors) -> list[str]:
 
 def capture_rng_state() -> dict:
     """torch (CPU and CUDA), numpy and python RNG states of this process."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # the global numpy state is what resume must restore, legacy API or not
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}  # noqa: NPY002
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -203,7 +206,7 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

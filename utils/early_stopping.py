@@ -1,8 +1,6 @@
 """Early stopping on validation (--patience): keeps the weights of the best validated epoch."""
 from __future__ import annotations
 
-import torch
-
 
 class EarlyStopping:
     """Track a validation score (higher is better) per validated epoch.

@@ -91,7 +91,8 @@ class Logger:
         self.add_scalars({k: results.get(k) for k in summary_keys}, step, prefix)
         if results.get("f1"):
             self.add_scalars({n.replace(" ", "_"): f for n, f in zip(names, results["f1"])}, step, f"{prefix}/f1")
-        self.writer.add_figure(f"{prefix}/confusion_matrix", confusion_figure(results["confusion"], names), step, close=True)
+        self.writer.add_figure(f"{prefix}/confusion_matrix", confusion_figure(results["confusion"], names), step,
+                               close=True)
         # Indent by four spaces: TensorBoard renders text as markdown, this keeps the table monospaced.
         table = "\n".join("    " + line for line in format_table(results, names).splitlines())
         self.writer.add_text(f"{prefix}/table", table, step)
@@ -156,8 +157,8 @@ def _names(class_names, count: int) -> list[str]:
 
 def confusion_figure(confusion, class_names):
     """Row-normalised confusion matrix (rows = ground truth) as a matplotlib figure (Agg backend)."""
-    from matplotlib.figure import Figure  # Figure + Agg canvas: no pyplot state, no display needed
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # Figure + Agg canvas: no pyplot state, no display needed
 
     counts = np.asarray(confusion, dtype=np.float64)
     rows = counts.sum(axis=1, keepdims=True)
@@ -211,8 +212,8 @@ def prediction_figure(columns, titles, class_names, legend_classes=None, ignore_
     class_names: names of class indices 0..K-1 (the palette rows); legend_classes: which of them to
     show (default all); title: an optional line above the column titles.
     """
-    from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     from utils.colormap import PALETTE

@@ -34,9 +34,10 @@ class PolyLR(LRScheduler):
     _get_closed_form_lr = get_lr
 
 
-def build_scheduler(name: str, optimizer, max_iters: int, power: float = 0.9, step_size: int | None = None, gamma: float = 0.1):
-    """'poly' -> PolyLR; 'step' -> StepLR every `step_size` iterations by `gamma` (MiB --lr_decay_step / --lr_decay_factor);
-    'cosine' -> CosineAnnealingLR over max_iters (MiB-CD)."""
+def build_scheduler(name: str, optimizer, max_iters: int, power: float = 0.9, step_size: int | None = None,
+                    gamma: float = 0.1):
+    """'poly' -> PolyLR; 'step' -> StepLR every `step_size` iterations by `gamma` (MiB --lr_decay_step /
+    --lr_decay_factor); 'cosine' -> CosineAnnealingLR over max_iters (MiB-CD)."""
     if name == "poly":
         return PolyLR(optimizer, max_iters=max_iters, power=power)
     if name == "cosine":  # annealed once over the step's iterations, down to 0 (MiB-CD's recipe)
@@ -45,6 +46,7 @@ def build_scheduler(name: str, optimizer, max_iters: int, power: float = 0.9, st
         return CosineAnnealingLR(optimizer, T_max=int(max_iters), eta_min=0.0)
     if name == "step":
         if not step_size or step_size <= 0:
-            raise UserError(f"--lr_policy step needs a positive step size in iterations (got {step_size}); set --lr_decay_step")
+            raise UserError(f"--lr_policy step needs a positive step size in iterations (got {step_size}); "
+                            f"set --lr_decay_step")
         return StepLR(optimizer, step_size=int(step_size), gamma=gamma)
     raise UserError(f"--lr_policy {name!r} is unknown; use poly, step or cosine")
