@@ -12,7 +12,7 @@ The synthetic 512 px crops are made in a temporary folder (synthetic Potsdam, pr
 previews so both paths read the same crops). Usage, from the repository root:
 
     OMP_NUM_THREADS=2 python benchmarks/throughput.py                     # CPU: reduced model (minutes)
-    python benchmarks/throughput.py --device cuda --backbone resnet101 --model_crop 512 --batch_size 12 \
+    python benchmarks/throughput.py --device cuda --backbone resnet101 --model_crop 512 --batch_size 12 \\
         --opt_level O2 --channels_last                                   # the paper's step on a GPU
 
 Options: --workers 1,2 (loader worker counts), --loader_batches N, --iters N, --methods FT,MiB,...,
