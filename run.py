@@ -317,20 +317,22 @@ def run_step(opts, dist) -> dict:
     process_group = torch.distributed.group.WORLD if dist.distributed else None
 
     if opts.test:
-        test_loader = load_data(opts, dist, logger, test_only=True)[2]
-        model = build_model(opts, dist, classes, process_group)
-        return run_test(opts, dist, model, test_loader, classes, meta, logger, ckpt_path)
+        return run_test(opts, dist, build_model(opts, dist, classes, process_group), classes, meta, logger, ckpt_path)
 
-    # The method from the options alone (it checks them); its per-step state comes in `setup` below.
+    # The method from the options alone (it checks them); its per-step state comes in `setup` below. A
+    # missing or incompatible step t-1 checkpoint is reported before anything else is read.
     method = get_method_class(opts.method)(opts, opts.step, classes)
+    previous = read_previous_step(opts, meta, logger) if opts.step > 0 else None
     # 1. data and loaders
-    train_loader, val_loader, test_loader = load_data(opts, dist, logger)
+    train_loader, val_loader, test_loader = load_data(opts, dist)
     # 2. model (step t-1 weights at t > 0) and old model
     model = build_model(opts, dist, classes, process_group)
     old_model, previous_state, lineage = None, None, None
-    if opts.step > 0:
-        old_model, previous_state, lineage = load_previous_step(opts, dist, model, method, classes, meta, logger,
+    if previous is not None:
+        old_model, previous_state, lineage = load_previous_step(opts, dist, model, method, classes, previous, logger,
                                                                 process_group)
+    logger.info(f"{len(train_loader.dataset)} training crops, {len(val_loader.dataset) if val_loader else 0} "
+                f"validation, {len(test_loader.dataset)} test")
     if opts.freeze and not opts.regularizer:
         # MiB's --freeze keeps the body out of the optimiser at every step (below); only a regulariser's
         # running state reads its gradient, so without one it is not computed
@@ -378,15 +380,12 @@ def run_step(opts, dist) -> dict:
     return results
 
 
-def load_data(opts, dist, logger, test_only: bool = False):
-    """The step's datasets and their loaders (train, validation, test); only the test loader for --test."""
+def load_data(opts, dist, test_only: bool = False):
+    """The step's loaders (train, validation, test); for --test only the test loader (the others None)."""
     train_set, val_set, test_set = get_datasets(opts)
     if test_only:
         return make_loaders(opts, dist, None, None, test_set)
-    loaders = make_loaders(opts, dist, train_set, val_set, test_set)
-    logger.info(f"{len(train_set)} training crops, {len(val_set) if val_set else 0} validation, "
-                f"{len(test_set)} test")
-    return loaders
+    return make_loaders(opts, dist, train_set, val_set, test_set)
 
 
 def build_model(opts, dist, classes, process_group, no_pretrained=None):
@@ -399,11 +398,18 @@ def build_model(opts, dist, classes, process_group, no_pretrained=None):
     return model.to(dist.device).to(memory_format=memory_format)
 
 
-def load_previous_step(opts, dist, model, method, classes, meta, logger, process_group):
-    """t > 0: step t-1's weights into `model` (then the method's `init_new_model`), the frozen old model
-    when the method runs it, the method state step t-1 handed on, and the lineage record."""
+def read_previous_step(opts, meta, logger) -> tuple[str, dict]:
+    """t > 0: (path, contents) of the step t-1 checkpoint, checked against this run's options."""
     prev_path, prev = previous_checkpoint(opts)
     check_compatible(opts, prev, prev_path, meta, logger)
+    return prev_path, prev
+
+
+def load_previous_step(opts, dist, model, method, classes, previous, logger, process_group):
+    """t > 0: step t-1's weights (`previous`: path and contents) into `model` (then the method's
+    `init_new_model`), the frozen old model when the method runs it, the method state step t-1 handed on,
+    and the lineage record."""
+    prev_path, prev = previous
     load_model_weights(model, prev, prev_path, strict=False)
     method.init_new_model(model)
     old_model = None
@@ -490,7 +496,7 @@ def save_step(opts, dist, ckpt_path, model, optimizer, scheduler, method, classe
     return record
 
 
-def run_test(opts, dist, model, test_loader, classes, meta, logger, ckpt_path) -> dict:
+def run_test(opts, dist, model, classes, meta, logger, ckpt_path) -> dict:
     """--test: the step's own checkpoint refreshes the step's row; any other --ckpt gets its own results
     file, so a test never replaces the training row of another model."""
     path = Path(opts.ckpt or ckpt_path)
@@ -501,6 +507,7 @@ def run_test(opts, dist, model, test_loader, classes, meta, logger, ckpt_path) -
     check_compatible(opts, checkpoint, path, meta, logger)
     load_model_weights(model, checkpoint, path)
     logger.info(f"testing {path}")
+    test_loader = load_data(opts, dist, test_only=True)[2]
     own = path.resolve() == ckpt_path.resolve() if ckpt_path.exists() else False
     record = None
     if dist.rank == 0:
