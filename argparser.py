@@ -91,6 +91,11 @@ def _str2bool_flag(group, *names, help):
 DEFAULT_SEED = 42
 
 
+def default_lr(step: int) -> float:
+    """The learning rate when --lr is not given: 0.01 at step 0, 0.001 at later steps (MiB's)."""
+    return 0.01 if step == 0 else 0.001
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="run.py",
@@ -166,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=40, help="epochs per step (papers: 40)")
     g.add_argument("--batch_size", type=int, default=4, help="batch size PER PROCESS")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default 0.01 at step 0, 0.001 after)")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default {default_lr(0):g} at step 0, {default_lr(1):g} after)")
     g.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
                    help="sgd (Nesterov momentum, MiB) or adamw (MiB-CD)")
     g.add_argument("--momentum", type=float, default=0.9)
@@ -288,7 +294,7 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"{err}{did_you_mean(opts.task, known)}") from None
     _finalize_protocol(opts)
     if opts.lr is None:
-        opts.lr = 0.01 if opts.step == 0 else 0.001
+        opts.lr = default_lr(opts.step)
     for key, value in vars(opts).items():  # nan/inf pass argparse's float()
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{key} must be a finite number (got {value})")

@@ -18,23 +18,42 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 import tasks
-from argparser import parse_args
+from argparser import default_lr, parse_args
 from dataset import BatchNormalize, data_protocol, get_datasets, load_meta
-from methods import get_method_class
-from modules import check_checkpoint_bands, checkpoint_input_bands, make_model
-from train import Trainer, compile_model
-from utils.checkpoint import (capture_rng_state, check_free_space, check_writable, checkpoint_path, file_sha256,
-                              last_checkpoint_path, load_checkpoint, non_finite_tensors, remove_stale_temps,
-                              restore_rng_state, run_tag, save_checkpoint, tensor_bytes)
+from methods import SetupContext, get_method_class
+from modules import check_checkpoint_bands, checkpoint_input_bands, classifier_prefix, make_model
+from train import AMP_LEVELS, Trainer, batches_per_pass, compile_model, evaluate
+from utils.checkpoint import (
+    capture_rng_state,
+    check_free_space,
+    check_writable,
+    checkpoint_path,
+    file_sha256,
+    last_checkpoint_path,
+    load_checkpoint,
+    non_finite_tensors,
+    remove_stale_temps,
+    restore_rng_state,
+    run_tag,
+    save_checkpoint,
+    tensor_bytes,
+)
 from utils.colormap import CLASS_NAMES
-from utils.distributed import (DistributedEvalSampler, all_gather_object, barrier, broadcast_object, cleanup,
-                               init_distributed, relaunch_command)
+from utils.distributed import (
+    DistributedEvalSampler,
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    relaunch_command,
+)
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError, exit_on_user_error
 from utils.logger import Logger, write_task_curve
 from utils.metrics import format_table
-from utils.results import mark_pending, read_results, results_path, test_results_name, write_results
 from utils.optimizer import make_optimizer
+from utils.results import mark_pending, read_results, results_path, test_results_name, write_results
 from utils.scheduler import build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -139,7 +158,7 @@ def load_model_weights(model, checkpoint: dict, path: str, strict: bool = True) 
         raise UserError(f"{path} does not match the model built from the options (--backbone, --output_stride?): "
                         f"{k} has shape {tuple(state[k].shape)} there, {tuple(own[k].shape)} here")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    new_classifier = f"cls.{len(expected) - 1}."
+    new_classifier = classifier_prefix(len(expected) - 1)
     missing = [k for k in missing if strict or not k.startswith(new_classifier)]
     if missing or unexpected:
         raise UserError(f"{path} does not match the model built from the options (--backbone, --output_stride, "
@@ -151,7 +170,7 @@ def previous_checkpoint(opts) -> tuple[str, dict]:
                                              opts.name, opts.step - 1)
     if not os.path.isfile(path):
         argv = _drop_options(opts.command_line, ("--step", "--lr"))
-        previous = ["--step", str(opts.step - 1), "--lr", "0.01" if opts.step == 1 else "0.001"]
+        previous = ["--step", str(opts.step - 1), "--lr", f"{default_lr(opts.step - 1):g}"]
         raise UserError(f"step {opts.step - 1} checkpoint {path} not found; train it first "
                         f"({shlex.join(relaunch_command(argv + previous))}) or pass --step_ckpt")
     return path, load_checkpoint(path)
@@ -217,16 +236,19 @@ def run_record(opts, dist, kind: str, checkpoint: dict, previous: dict | None) -
             "debug": bool(opts.debug), "checkpoint": checkpoint, "previous_checkpoint": previous}
 
 
-def test_and_report(trainer, opts, test_loader, classes, logger, meta, record: dict, results_name: str) -> dict:
-    """Final test on every test crop (all seen classes) -> console, TensorBoard, results CSV/JSON."""
+def test_and_report(model, opts, dist, test_loader, classes, logger, meta, record: dict, results_name: str) -> dict:
+    """Final test of the (unwrapped) model on every test crop (all seen classes) -> console, TensorBoard,
+    results CSV/JSON."""
     # channels: 0 background, then the classes in task order (tasks.py); old = step 0's, new = later
     num_seen = sum(classes)
-    metrics, samples = trainer.evaluate(test_loader, num_classes=num_seen, sample_num=opts.sample_num)
+    metrics, samples = evaluate(model, test_loader, num_seen, dist.device, input_norm=input_normalizer(opts, meta),
+                                amp_dtype=AMP_LEVELS[opts.opt_level][0], sample_num=opts.sample_num,
+                                max_batches=batches_per_pass(test_loader, opts.debug))
     results = metrics.results(old_classes=list(range(classes[0])), new_classes=list(range(classes[0], num_seen)))
     results["protocol"] = data_protocol(opts)  # label convention of the test (recorded in the JSON)
     all_names = tasks.channel_names(opts.dataset, opts.task)
     names = all_names[:num_seen]
-    if trainer.dist.rank == 0:
+    if dist.rank == 0:
         logger.add_results(results, opts.step, names)
         if samples:
             images, labels, preds = samples
@@ -294,48 +316,38 @@ def run_step(opts, dist) -> dict:
                 + (f" ({torch.get_num_threads()} threads each)" if dist.device.type == "cpu" else ""))
     process_group = torch.distributed.group.WORLD if dist.distributed else None
 
-    # Weights come from ImageNet only at step 0 training; otherwise from step checkpoints.
-    use_imagenet = opts.step == 0 and not opts.test and not opts.no_pretrained
-    model_opts = _with(opts, no_pretrained=not use_imagenet)
-    model = make_model(model_opts, classes, process_group=process_group).to(dist.device)
-    memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-
     if opts.test:
-        return run_test(opts, dist, model, classes, meta, logger, ckpt_path)
+        return run_test(opts, dist, build_model(opts, dist, classes, process_group), classes, meta, logger, ckpt_path)
 
+    # The method from the options alone (it checks them); its per-step state comes in `setup` below. A
+    # missing or incompatible step t-1 checkpoint is reported before anything else is read.
     method = get_method_class(opts.method)(opts, opts.step, classes)
+    previous = read_previous_step(opts, meta, logger) if opts.step > 0 else None
+    # 1. data and loaders
+    train_loader, val_loader, test_loader = load_data(opts, dist)
+    # 2. model (step t-1 weights at t > 0) and old model
+    model = build_model(opts, dist, classes, process_group)
     old_model, previous_state, lineage = None, None, None
-    if opts.step > 0:
-        prev_path, prev = previous_checkpoint(opts)
-        check_compatible(opts, prev, prev_path, meta, logger)
-        load_model_weights(model, prev, prev_path, strict=False)
-        method.init_new_model(model)
-        previous_state = prev.get("method_state")
-        if method.uses_old_model:
-            old_model = make_model(_with(opts, no_pretrained=True), classes[:-1],
-                                   process_group=process_group).to(dist.device, memory_format=memory_format)
-            load_model_weights(old_model, prev, prev_path)
-            old_model.eval()
-            old_model.requires_grad_(False)
-        lineage = {"path": str(prev_path), "sha256": file_sha256(prev_path) if dist.rank == 0 else None}
-        logger.info(f"loaded step {opts.step - 1} from {prev_path}")
+    if previous is not None:
+        old_model, previous_state, lineage = load_previous_step(opts, dist, model, method, classes, previous, logger,
+                                                                process_group)
+    logger.info(f"{len(train_loader.dataset)} training crops, {len(val_loader.dataset) if val_loader else 0} "
+                f"validation, {len(test_loader.dataset)} test")
     if opts.freeze and not opts.regularizer:
         # MiB's --freeze keeps the body out of the optimiser at every step (below); only a regulariser's
         # running state reads its gradient, so without one it is not computed
-        model.body.requires_grad_(False)
+        model.freeze_body()
     if opts.fix_bn or opts.fix_bn_strict:
         model.fix_bn(keep_eval=opts.fix_bn_strict)
-    method.setup(model, previous_state)
-
-    train_set, val_set, test_set = get_datasets(opts)
-    train_loader, val_loader, test_loader = make_loaders(opts, dist, train_set, val_set, test_set)
-    logger.info(f"{len(train_set)} training crops, {len(val_set) if val_set else 0} validation, "
-                f"{len(test_set)} test")
-
+    # 3. the method's per-step state
+    input_norm = input_normalizer(opts, meta)
+    method.setup(SetupContext(model=model, old_model=old_model, train_loader=train_loader,
+                              previous_state=previous_state, dist=dist, input_norm=input_norm,
+                              max_batches=batches_per_pass(train_loader, opts.debug)))
+    # 4. train
     params = model.optimizer_parameters(freeze_body=opts.freeze)
     optimizer = make_optimizer(params, opts, dist.device)
-    iters_per_epoch = len(train_loader) if not opts.debug else min(len(train_loader), 2)
+    iters_per_epoch = batches_per_pass(train_loader, opts.debug)
     scheduler = build_scheduler(opts.lr_policy, optimizer, max_iters=opts.epochs * iters_per_epoch,
                                 power=opts.lr_power, step_size=opts.lr_decay_step, gamma=opts.lr_decay_factor)
     if dist.rank == 0:
@@ -348,13 +360,73 @@ def run_step(opts, dist) -> dict:
         train_model = DistributedDataParallel(model, device_ids=device_ids)
     if opts.compile:
         train_model = compile_model(train_model, dist.device)
-    trainer = Trainer(train_model, old_model, method, optimizer, scheduler, opts, dist, logger,
-                      input_norm=input_normalizer(opts, meta))
+    trainer = Trainer(train_model, old_model, method, optimizer, scheduler, opts, dist, logger, input_norm=input_norm)
     stopper = EarlyStopping(opts.patience) if opts.patience else None
     resume = Resume(opts, dist, trainer, model, method, train_loader, last_path, logger, stopper)
-    start_epoch, start_iter, resume_rng = resume.load()
+    epochs_run = train_epochs(opts, trainer, model, train_loader, val_loader, sum(classes), resume, stopper, logger)
 
-    num_seen = sum(classes)
+    # 5. save
+    check_finite_model(model, trainer)
+    record = None
+    if dist.rank == 0:
+        record = save_step(opts, dist, ckpt_path, model, optimizer, scheduler, method, classes, lineage, stopper,
+                           epochs_run, logger)
+    barrier()
+    # 6. test
+    results = test_and_report(model, opts, dist, test_loader, classes, logger, meta, record, opts.name)
+    if dist.rank == 0:
+        resume.remove()
+    logger.close()
+    return results
+
+
+def load_data(opts, dist, test_only: bool = False):
+    """The step's loaders (train, validation, test); for --test only the test loader (the others None)."""
+    train_set, val_set, test_set = get_datasets(opts)
+    if test_only:
+        return make_loaders(opts, dist, None, None, test_set)
+    return make_loaders(opts, dist, train_set, val_set, test_set)
+
+
+def build_model(opts, dist, classes, process_group, no_pretrained=None):
+    """The step's model on the device, in the chosen memory format. Weights come from ImageNet only at
+    step 0 training; otherwise from step checkpoints."""
+    if no_pretrained is None:
+        no_pretrained = not (opts.step == 0 and not opts.test and not opts.no_pretrained)
+    model = make_model(_with(opts, no_pretrained=no_pretrained), classes, process_group=process_group)
+    memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
+    return model.to(dist.device).to(memory_format=memory_format)
+
+
+def read_previous_step(opts, meta, logger) -> tuple[str, dict]:
+    """t > 0: (path, contents) of the step t-1 checkpoint, checked against this run's options."""
+    prev_path, prev = previous_checkpoint(opts)
+    check_compatible(opts, prev, prev_path, meta, logger)
+    return prev_path, prev
+
+
+def load_previous_step(opts, dist, model, method, classes, previous, logger, process_group):
+    """t > 0: step t-1's weights (`previous`: path and contents) into `model` (then the method's
+    `init_new_model`), the frozen old model when the method runs it, the method state step t-1 handed on,
+    and the lineage record."""
+    prev_path, prev = previous
+    load_model_weights(model, prev, prev_path, strict=False)
+    method.init_new_model(model)
+    old_model = None
+    if method.uses_old_model:
+        old_model = build_model(opts, dist, classes[:-1], process_group, no_pretrained=True)
+        load_model_weights(old_model, prev, prev_path)
+        old_model.eval()
+        old_model.requires_grad_(False)
+    lineage = {"path": str(prev_path), "sha256": file_sha256(prev_path) if dist.rank == 0 else None}
+    logger.info(f"loaded step {opts.step - 1} from {prev_path}")
+    return old_model, prev.get("method_state"), lineage
+
+
+def train_epochs(opts, trainer, model, train_loader, val_loader, num_seen, resume, stopper, logger) -> int:
+    """The step's epochs from where a resume checkpoint left off, with validation and early stopping;
+    returns the number of epochs run. With --patience the best weights are back in `model` at the end."""
+    start_epoch, start_iter, resume_rng = resume.load()
     epochs_run = opts.epochs
     for epoch in range(start_epoch, opts.epochs):
         trainer.train_epoch(train_loader, epoch, start_iter=start_iter, resume_rng=resume_rng,
@@ -391,39 +463,37 @@ def run_step(opts, dist) -> dict:
                         f"of the last epoch trained ({epochs_run})")
         else:
             logger.info("no validation gave a mIoU: the step checkpoint holds the last epoch")
+    return epochs_run
 
-    check_finite_model(model, trainer)
-    record = None
-    if dist.rank == 0:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": stopper.best_epoch if stopper is not None and stopper.best_epoch else epochs_run,
-            "epochs_run": epochs_run,
-            "method_state": method.state_dict(),
-            "classes": classes,
-            "step": opts.step,
-            "opts": vars(opts),
-            "input_channels": opts.in_channels,
-            "lineage": lineage,
-        })
-        digest = file_sha256(ckpt_path)
-        logger.info(f"saved {ckpt_path} (sha256 {digest[:12]})")
-        record = run_record(opts, dist, "train", {"path": str(ckpt_path), "sha256": digest}, lineage)
-        # until the test below writes the new row, the old run's numbers must not stand beside the new
-        # checkpoint; later steps trained from the replaced model are marked stale
-        stale = mark_pending(opts.results_dir, opts.dataset, opts.task, split_tag(opts), opts.name, opts.step, record,
-                             tasks.channel_names(opts.dataset, opts.task))
-        if stale:
-            logger.info(f"warning: step(s) {', '.join(map(str, stale))} of {opts.name} were trained from the "
-                        f"replaced step {opts.step} and are marked stale in the results; re-train them")
-    barrier()
-    results = test_and_report(trainer, opts, test_loader, classes, logger, meta, record, opts.name)
-    if dist.rank == 0:
-        resume.remove()
-    logger.close()
-    return results
+
+def save_step(opts, dist, ckpt_path, model, optimizer, scheduler, method, classes, lineage, stopper, epochs_run,
+              logger) -> dict:
+    """Rank 0: the step checkpoint, then its results row marked pending until the test writes it.
+    Returns the run record of the training."""
+    save_checkpoint(ckpt_path, {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": stopper.best_epoch if stopper is not None and stopper.best_epoch else epochs_run,
+        "epochs_run": epochs_run,
+        "method_state": method.state_dict(),
+        "classes": classes,
+        "step": opts.step,
+        "opts": vars(opts),
+        "input_channels": opts.in_channels,
+        "lineage": lineage,
+    })
+    digest = file_sha256(ckpt_path)
+    logger.info(f"saved {ckpt_path} (sha256 {digest[:12]})")
+    record = run_record(opts, dist, "train", {"path": str(ckpt_path), "sha256": digest}, lineage)
+    # until the test writes the new row, the old run's numbers must not stand beside the new
+    # checkpoint; later steps trained from the replaced model are marked stale
+    stale = mark_pending(opts.results_dir, opts.dataset, opts.task, split_tag(opts), opts.name, opts.step, record,
+                         tasks.channel_names(opts.dataset, opts.task))
+    if stale:
+        logger.info(f"warning: step(s) {', '.join(map(str, stale))} of {opts.name} were trained from the "
+                    f"replaced step {opts.step} and are marked stale in the results; re-train them")
+    return record
 
 
 def run_test(opts, dist, model, classes, meta, logger, ckpt_path) -> dict:
@@ -437,16 +507,14 @@ def run_test(opts, dist, model, classes, meta, logger, ckpt_path) -> dict:
     check_compatible(opts, checkpoint, path, meta, logger)
     load_model_weights(model, checkpoint, path)
     logger.info(f"testing {path}")
-    _, _, test_set = get_datasets(opts)
-    _, _, test_loader = make_loaders(opts, dist, None, None, test_set)
-    trainer = Trainer(model, None, None, None, None, opts, dist, logger, input_norm=input_normalizer(opts, meta))
+    test_loader = load_data(opts, dist, test_only=True)[2]
     own = path.resolve() == ckpt_path.resolve() if ckpt_path.exists() else False
     record = None
     if dist.rank == 0:
         record = run_record(opts, dist, "test", {"path": str(path), "sha256": file_sha256(path)},
                             checkpoint.get("lineage"))
     results_name = opts.name if own else test_results_name(opts.name, path)
-    results = test_and_report(trainer, opts, test_loader, classes, logger, meta, record, results_name)
+    results = test_and_report(model, opts, dist, test_loader, classes, logger, meta, record, results_name)
     logger.close()
     return results
 
@@ -502,7 +570,7 @@ class Resume:
 
     def after_iteration(self, epoch: int, iteration_in_epoch: int) -> None:
         interval = self.opts.ckpt_interval
-        n_iters = len(self.loader) if not self.opts.debug else min(len(self.loader), 2)
+        n_iters = batches_per_pass(self.loader, self.opts.debug)
         if interval and self.trainer.iteration % interval == 0 and iteration_in_epoch < n_iters:
             self.save(epoch, iteration_in_epoch)
 

@@ -19,6 +19,60 @@ from utils.metrics import SegmentationMetrics
 
 # --opt_level -> (autocast dtype or None, use a GradScaler)
 AMP_LEVELS = {"O0": (None, False), "O1": (torch.float16, True), "O2": (torch.bfloat16, False)}
+# --debug: batches per epoch (training) and per evaluation
+DEBUG_BATCHES = 2
+# What to change when training diverges, unless the method gives its own hint.
+DIVERGENCE_HINT = "lower --lr, check the data, or use --opt_level O0"
+
+
+def batches_per_pass(loader, debug: bool) -> int:
+    """Batches one epoch (or one evaluation) goes through: the whole loader, or at most DEBUG_BATCHES with --debug."""
+    return min(len(loader), DEBUG_BATCHES) if debug else len(loader)
+
+
+def autocast(device, amp_dtype):
+    """Autocast to `amp_dtype` on `device` (a no-op context for None)."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def to_device(images, labels, device, input_norm=None):
+    """The batch on the device: uint8 crosses the link, conversion and normalisation happen there."""
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True).long()
+    if input_norm is not None:
+        images = input_norm(images)
+    elif images.dtype == torch.uint8:
+        raise ValueError("uint8 batches need an input_norm (BatchNormalize)")
+    return images, labels
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes: int, device, input_norm=None, amp_dtype=None, sample_num: int = 0,
+             max_batches: int | None = None):
+    """Confusion matrix over `num_classes` of the unwrapped `model` on `loader` (each sample counted once
+    over all ranks). Returns (metrics, samples), samples = (images, labels, preds) of the first
+    `sample_num` crops. The model is left in eval mode; a caller that trains next switches it back."""
+    model.eval()
+    broadcast_buffers(model)  # every rank tests the model rank 0 saves
+    metrics = SegmentationMetrics(num_classes, device=device)
+    samples = []
+    n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+    for i, (images, labels) in enumerate(loader):
+        if i >= n_batches:
+            break
+        images, labels = to_device(images, labels, device, input_norm)
+        with autocast(device, amp_dtype):
+            logits, _ = model(images)
+        preds = logits.argmax(dim=1)
+        metrics.update(preds, labels)
+        if sum(len(s[0]) for s in samples) < sample_num:
+            samples.append((images.cpu(), labels.cpu(), preds.cpu()))
+    metrics.synchronize()
+    if samples:
+        samples = [torch.cat(parts)[:sample_num] for parts in zip(*samples)]
+    return metrics, samples
 
 
 def compile_model(model, device, backend="inductor"):
@@ -68,9 +122,7 @@ class Trainer:
         self.loader_state_at_epoch_start = None  # the loader generator's state before this epoch's draws
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def _set_train_mode(self):
         # as MiB: norm layers follow train() (--fix_bn froze only their affine parameters); the model itself
@@ -95,7 +147,7 @@ class Trainer:
         epoch_sums: dict[str, torch.Tensor] = {}
         window_sums: dict[str, torch.Tensor] = {}
         window = 0
-        n_iters = len(loader) if not self.opts.debug else min(len(loader), 2)
+        n_iters = batches_per_pass(loader, self.opts.debug)
         bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{self.opts.epochs}", disable=True if self.dist.rank != 0 else None,
                    leave=False, dynamic_ncols=True, mininterval=2.0)  # None: only on a terminal
         start = time.time()
@@ -134,14 +186,7 @@ class Trainer:
         return means
 
     def _to_device(self, images, labels):
-        """The batch on the device: uint8 crosses the link, conversion and normalisation happen there."""
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True).long()
-        if self.input_norm is not None:
-            images = self.input_norm(images)
-        elif images.dtype == torch.uint8:
-            raise ValueError("uint8 batches need the Trainer's input_norm (BatchNormalize)")
-        return images, labels
+        return to_device(images, labels, self.device, self.input_norm)
 
     def _train_iteration(self, images, labels) -> dict[str, torch.Tensor]:
         """Forward, backward, the method's gradient hooks and one optimiser/schedule step.
@@ -179,12 +224,9 @@ class Trainer:
         return dict(zip(keys, stacked.tolist()))
 
     def divergence_hint(self) -> str:
-        """What to change when training diverges (NaN/inf losses or weights)."""
-        if self.method is not None and self.method.regularizer is not None:
-            # the penalty's curvature 2·λ·Ω makes SGD unstable when lr·2λ is large
-            return (f"lower --lr or --reg_importance (with momentum 0.9 SGD needs lr·2·reg_importance < 3.8; "
-                    f"here {self.opts.lr:g}·2·{self.opts.reg_importance:g})")
-        return "lower --lr, check the data, or use --opt_level O0"
+        """What to change when training diverges (NaN/inf losses or weights): the method's hint."""
+        method_hint = getattr(self.method, "divergence_hint", None)
+        return (method_hint() if method_hint is not None else None) or DIVERGENCE_HINT
 
     def _check_finite(self, means: dict[str, float], epoch: int, iteration: int):
         bad = [k for k, v in means.items() if not math.isfinite(v)]
@@ -195,27 +237,12 @@ class Trainer:
                         f"{iteration + 1}; {hint} (no checkpoint was written)")
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, loader, num_classes: int, sample_num: int = 0):
-        """Confusion matrix over `num_classes` on the loader (each sample counted once over all ranks).
-        Returns (metrics, samples) where samples = (images, labels, preds) of the first `sample_num` crops."""
-        self.module.eval()
-        broadcast_buffers(self.module)  # every rank tests the model rank 0 saves
-        metrics = SegmentationMetrics(num_classes, device=self.device)
-        samples = []
-        n_batches = len(loader) if not self.opts.debug else min(len(loader), 2)
-        for i, (images, labels) in enumerate(loader):
-            if i >= n_batches:
-                break
-            images, labels = self._to_device(images, labels)
-            with self._autocast():
-                logits, _ = self.module(images)
-            preds = logits.argmax(dim=1)
-            metrics.update(preds, labels)
-            if sum(len(s[0]) for s in samples) < sample_num:
-                samples.append((images.cpu(), labels.cpu(), preds.cpu()))
-        metrics.synchronize()
-        self._set_train_mode()
-        if samples:
-            samples = [torch.cat(parts)[:sample_num] for parts in zip(*samples)]
-        return metrics, samples
+        """`evaluate` of the unwrapped model with this run's normalisation, precision and --debug cap;
+        the model goes back to training mode after."""
+        try:
+            return evaluate(self.module, loader, num_classes, self.device, input_norm=self.input_norm,
+                            amp_dtype=self.amp_dtype, sample_num=sample_num,
+                            max_batches=batches_per_pass(loader, self.opts.debug))
+        finally:
+            self._set_train_mode()

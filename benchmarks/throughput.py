@@ -41,7 +41,7 @@ from benchmarks.legacy_pipeline import legacy_train_transform, read_png  # noqa:
 from dataset import BatchNormalize, IncrementalDataset, label_lut, load_meta  # noqa: E402
 from dataset.isprs import ISPRSCrops  # noqa: E402
 from dataset.transforms import train_transform  # noqa: E402
-from methods import get_method_class  # noqa: E402
+from methods import SetupContext, get_method_class  # noqa: E402
 from modules import make_model  # noqa: E402
 from process_data.isprs_processing import POTSDAM, process_dataset  # noqa: E402
 from process_data.make_synthetic_isprs import generate  # noqa: E402
@@ -131,7 +131,7 @@ def model_rates(args, device, meta):
         old_model = make_model(opts, [5]).to(device, memory_format=fmt).eval().requires_grad_(False)
         method_obj = get_method_class(method)(opts, 1, [5, 1])
         method_obj.init_new_model(model)
-        method_obj.setup(model, None)
+        method_obj.setup(SetupContext(model=model))
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], opts, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         train_model = compile_model(model, device) if args.compile else model

@@ -1,10 +1,12 @@
 """Incremental-learning methods: a registry from name to Method class; each owns its losses, presets and state."""
-from methods.base import Method, StepContext
-from methods.mib_family import EWC, FT, ILT, LWF, LWFMC, PI, RW, UFT, MiB
+from methods.base import Method, SetupContext, StepContext
 from methods.hciss import HCISS
-from methods.micro import MiCro
 from methods.mib_cd import MiBCD
+from methods.mib_family import EWC, FT, ILT, LWF, LWFMC, PI, RW, UFT, MiB
+from methods.micro import MiCro
 from utils.errors import UserError
+
+__all__ = ["ALIASES", "METHODS", "Method", "SetupContext", "StepContext", "get_method_class"]
 
 # The registry: a new method is one file plus one entry here.
 METHODS: dict[str, type[Method]] = {

@@ -4,12 +4,14 @@ loss terms; the Trainer only calls the hooks below and never names a method."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from methods import losses
-from methods.invariance import NUM_SYMMETRIES, invariance_losses, apply_symmetry
+from methods.invariance import NUM_SYMMETRIES, apply_symmetry, invariance_losses
 from methods.regularizers import make_regularizer
 from utils.errors import UserError
 
@@ -23,9 +25,42 @@ class StepContext:
     images: torch.Tensor  # [B, C, H, W]
     labels: torch.Tensor  # [B, H, W] training labels after `target_labels`
     logits: torch.Tensor  # [B, C, H, W] new-model logits at the input size
-    features: dict = field(default_factory=dict)  # "body", "pre_logits" of the new model
+    features: dict = field(default_factory=dict)  # the new model's features by name ("stage1".., "body", "pre_logits")
     old_logits: torch.Tensor | None = None  # [B, C°, H, W], no grad
     old_features: dict | None = None
+
+
+@dataclass
+class SetupContext:
+    """What `Method.setup` gets, once per step, after the data, the model and the old model exist."""
+
+    model: torch.nn.Module  # the new model (unwrapped: no DDP/compile), previous weights already loaded at t > 0
+    old_model: torch.nn.Module | None = None  # frozen model of step t-1, in eval mode (None unless uses_old_model)
+    train_loader: Any = None  # the step's training loader (uint8 batches on the host)
+    previous_state: dict | None = None  # `state_dict()` of the method at step t-1 (None at step 0)
+    dist: Any = None  # rank, world_size, device, distributed (utils.distributed.DistInfo)
+    input_norm: Callable | None = None  # uint8 N×H×W×C batch on the device -> normalised float N×C×H×W
+    max_batches: int | None = None  # batches an epoch trains on (--debug caps it); None: the whole loader
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training batches as the model sees them: (normalised images, long labels) on the device;
+        for pre-passes over the data (e.g. statistics of the old model's outputs). The loader's and the
+        global random state are put back afterwards, so training draws the same batches with or without
+        a pre-pass."""
+        device = self.dist.device if self.dist is not None else torch.device("cpu")
+        generator = getattr(self.train_loader, "generator", None)
+        saved = (generator.get_state() if generator is not None else None, torch.get_rng_state())
+        try:
+            for i, (images, labels) in enumerate(self.train_loader):
+                if self.max_batches is not None and i >= self.max_batches:
+                    break
+                images = images.to(device)
+                images = self.input_norm(images) if self.input_norm is not None else images
+                yield images, labels.to(device).long()
+        finally:
+            if generator is not None:
+                generator.set_state(saved[0])
+            torch.set_rng_state(saved[1])
 
 
 class Method:
@@ -105,10 +140,13 @@ class Method:
         if self.opts.init_balanced:
             model.init_new_classifier()
 
-    def setup(self, model, previous_state: dict | None) -> None:
-        """Build per-step state from the trainable parameters (unwrapped model) and the state that
-        the checkpoint of step t-1 carried (None at step 0)."""
-        previous_state = previous_state or {}
+    def setup(self, ctx: SetupContext) -> None:
+        """Build per-step state once the data, the model and the old model exist (before training and
+        before a resume checkpoint is read): here the regulariser, from the trainable parameters and the
+        state the checkpoint of step t-1 carried. A method needing a pass over the training data
+        (`ctx.batches()`) or the old model does it here."""
+        model = ctx.model
+        previous_state = ctx.previous_state or {}
         name = self.opts.regularizer
         if not name:
             return
@@ -172,7 +210,7 @@ class Method:
         old_logits = old_features = None
         if old_model is not None and self.uses_old_model:
             with torch.no_grad():
-                old_logits, old_features = old_model(images)
+                old_logits, old_features = old_model(images)  # a ModelOutput (modules.ModelOutput)
         labels = self.target_labels(labels, old_logits)
 
         batch = images.shape[0]
@@ -226,6 +264,16 @@ class Method:
         """After optimizer.step(): running state updates."""
         if self.regularizer is not None:
             self.regularizer.after_step()
+
+    def divergence_hint(self) -> str | None:
+        """What to change when training diverges (NaN/inf losses or weights), when this method knows
+        better than the generic advice (None: the Trainer's generic hint)."""
+        if self.regularizer is not None:
+            # the penalty's curvature 2·λ·Ω makes SGD unstable when lr·2λ is large
+            # (docs/methods.md#parameter-regularisers)
+            return (f"lower --lr or --reg_importance (with momentum 0.9 SGD needs lr·2·reg_importance < 3.8; "
+                    f"here {self.opts.lr:g}·2·{self.opts.reg_importance:g})")
+        return None
 
     # ---------------------------------------------------------------- resume within a step
     def resume_state(self) -> dict:

@@ -1,34 +1,12 @@
 """HCISS: historical-information-guided CISS (label reconstruction + feature global perception),
-a reconstruction of Rong et al., IEEE TGRS 2022 from its published description (METHODS.md §8)."""
+a reconstruction of Rong et al., IEEE TGRS 2022 from its published description (docs/methods.md#hciss)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from methods.base import Method, StepContext
-
-
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 (autocast) -> fp32, so softmaxes and squared errors run in fp32; fp64 is kept."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def reconstruct_labels(labels: torch.Tensor, old_logits: torch.Tensor | None, threshold: float) -> torch.Tensor:
-    """Give background pixels back the old class the old model is confident about.
-
-    labels [B, H, W] (255 = ignore), old_logits [B, C°, H, W] at the same size. A pixel labelled 0
-    whose old argmax c is an old foreground class (c >= 1) with softmax probability >= threshold is
-    relabelled c; every other pixel (current classes, 255, uncertain or old-background pixels) is
-    kept. Returns a new tensor; `labels` is not modified. Without old logits, returns `labels`.
-    """
-    if old_logits is None:
-        return labels
-    if old_logits.shape[-2:] != labels.shape[-2:]:
-        raise ValueError(f"old logits {tuple(old_logits.shape)} and labels {tuple(labels.shape)} differ in size")
-    with torch.no_grad():
-        confidence, old_class = torch.softmax(at_least_fp32(old_logits), dim=1).max(dim=1)
-        relabel = (labels == 0) & (old_class > 0) & (confidence >= threshold)
-        return torch.where(relabel, old_class.to(labels.dtype), labels)
+from methods.common import at_least_fp32, reconstruct_labels
 
 
 def old_foreground_attention(old_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -74,7 +52,7 @@ class HCISS(Method):
     def add_arguments(cls, parser) -> None:
         if "--hciss_threshold" in parser._option_string_actions:  # already added (e.g. by a subclass)
             return
-        group = parser.add_argument_group("HCISS", "HCISS reconstruction (see README, Methods)")
+        group = parser.add_argument_group("HCISS", "HCISS reconstruction (docs/methods.md#hciss-flags)")
         group.add_argument("--hciss_threshold", type=float, default=0.7,
                            help="old-model confidence needed to relabel a background pixel with its old class (0.7)")
         group.add_argument("--hciss_fgp", type=float, default=100.0,

@@ -2,18 +2,15 @@
 the invariance losses on `pre_logits`. Any method uses them through --cd_factor / --cd_factor_icl.
 
 Paper: Arnaudo, Cermelli, Tavera, Rossi, Caputo, "A Contrastive Distillation Approach for Incremental
-Semantic Segmentation in Aerial Images", ICIAP 2021 (METHODS.md §10).
+Semantic Segmentation in Aerial Images", ICIAP 2021 (docs/methods.md#mib-cd).
 """
 from __future__ import annotations
 
 import torch
 
+from methods.common import at_least_fp32
+
 NUM_SYMMETRIES = 8  # the dihedral group of the square: 4 rotations, each optionally mirrored
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 (autocast) -> fp32; fp32 and fp64 are kept."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _check_index(index: int) -> tuple[int, bool]:
@@ -51,12 +48,12 @@ def invariance_losses(
     cd_icl = cd_factor_icl · mean((f(T(x)) − T(f°(x)))²)  only with old features (t > 0)
     A term whose factor is 0 is left out. Computed in at least fp32 (autocast may give bf16/fp16 features).
     """
-    features = _at_least_fp32(pre_logits_all)
+    features = at_least_fp32(pre_logits_all)
     plain, transformed = features[:batch_size], features[batch_size:]
     terms = {}
     if cd_factor > 0:
         terms["cd"] = cd_factor * (apply_symmetry(plain, index) - transformed).pow(2).mean()
     if old_pre_logits is not None and cd_factor_icl > 0:
-        old_transformed = apply_symmetry(_at_least_fp32(old_pre_logits), index)
+        old_transformed = apply_symmetry(at_least_fp32(old_pre_logits), index)
         terms["cd_icl"] = cd_factor_icl * (transformed - old_transformed).pow(2).mean()
     return terms

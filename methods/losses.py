@@ -1,4 +1,4 @@
-"""Loss functions of the MiB family (METHODS.md §1): CE, UnCE, KD, UnKD, BCE, iCaRL (combined and disjoint)
+"""Loss functions of the MiB family (docs/methods.md#losses): CE, UnCE, KD, UnKD, BCE, iCaRL (combined and disjoint)
 and feature distillation.
 
 Conventions shared by every function:
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from methods.common import IGNORE_INDEX
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

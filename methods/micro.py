@@ -1,17 +1,15 @@
 """MiCro: cross-image semantic relationship dependencies (CFRD, cross-image pixel contrast, region
 relation distillation) on top of MiB, a reconstruction of Rong et al., IEEE TGRS 2023 from its
-published description (METHODS.md §9). Every loss is one batched computation over the whole batch."""
+published description (docs/methods.md#micro). Every loss is one batched computation over the whole batch."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from methods.base import Method, StepContext
-from methods.hciss import at_least_fp32, reconstruct_labels
+from methods.base import StepContext
+from methods.common import IGNORE_INDEX, at_least_fp32, reconstruct_labels
 from methods.mib_family import MiB
 from utils.errors import UserError
-
-IGNORE_INDEX = 255
 
 
 # ---------------------------------------------------------------- feature grid
@@ -155,7 +153,7 @@ def region_relation_loss(
 
 
 # ---------------------------------------------------------------- method
-class MiCro(Method):
+class MiCro(MiB):
     """MiB (UnCE, UnKD ×10, init_balanced) + three cross-image losses on `pre_logits`:
     CFRD (t > 0), class-balanced cross-image pixel contrast (every step, old-model pseudo-labels at
     t > 0) and region relation distillation (t > 0).
@@ -173,14 +171,14 @@ class MiCro(Method):
         "Rong et al., MiCro: Modeling Cross-Image Semantic Relationship Dependencies for Class-Incremental "
         "Semantic Segmentation in Remote Sensing Images, IEEE TGRS 2023 (reconstruction: no code published)"
     )
-    presets = dict(MiB.presets)
+    # presets: MiB's (inherited)
     own_terms_read_old_model = True  # their own terms read it at t > 0
 
     @classmethod
     def add_arguments(cls, parser) -> None:
         if "--micro_pool" in parser._option_string_actions:  # already added (e.g. by a subclass)
             return
-        group = parser.add_argument_group("MiCro", "MiCro reconstruction (see README, Methods)")
+        group = parser.add_argument_group("MiCro", "MiCro reconstruction (docs/methods.md#micro-flags)")
         group.add_argument("--micro_pool", type=int, default=2,
                            help="average-pooling factor applied to pre_logits before the MiCro losses (2); the CFRD cost grows as "
                                 "(batch·pixels/pool²)², so pool 1 costs ~16x pool 2")

@@ -1,4 +1,5 @@
-"""Parameter regularisers of the MiB family (METHODS.md §3): EWC, PI (path integral) and RW (Riemannian walk).
+"""Parameter regularisers of the MiB family (docs/methods.md#parameter-regularisers): EWC, PI (path integral)
+and RW (Riemannian walk).
 
 How they run (the Trainer calls these through the Method, identically on every rank):
 

@@ -111,10 +111,16 @@ class ResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def forward_stages(self, x):
+        """{"stage1": mod2 output, ..., "stage4": mod5 output}: the residual stages after the stem (mod1)."""
+        x = self.mod1(x)
+        stages = {}
+        for i, stage in enumerate((self.mod2, self.mod3, self.mod4, self.mod5)):
+            x = stages[f"stage{i + 1}"] = stage(x)
+        return stages
+
     def forward(self, x):
-        for stage in (self.mod1, self.mod2, self.mod3, self.mod4, self.mod5):
-            x = stage(x)
-        return x
+        return self.forward_stages(x)["stage4"]
 
 
 def resnet(name, norm_act, output_stride=16, in_channels=3):

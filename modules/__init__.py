@@ -8,7 +8,7 @@ from models.weights import FIRST_CONV
 from utils.errors import UserError
 
 from .deeplab import ASPP_RATES, DeeplabV3
-from .segmentation import IncrementalSegmentationModule, classifier_prefix, is_classifier_param
+from .segmentation import IncrementalSegmentationModule, ModelOutput, classifier_prefix, is_classifier_param
 
 HEAD_CHANNELS = 256
 
@@ -55,5 +55,5 @@ def check_checkpoint_bands(path, bands, data_description):
 
 
 __all__ = ["ASPP_RATES", "check_checkpoint_bands", "checkpoint_input_bands",
-           "DeeplabV3", "HEAD_CHANNELS", "IncrementalSegmentationModule", "classifier_prefix",
+           "DeeplabV3", "HEAD_CHANNELS", "IncrementalSegmentationModule", "ModelOutput", "classifier_prefix",
            "is_classifier_param", "make_model"]

@@ -1,5 +1,6 @@
 """The incremental segmentation model: body (backbone), head (DeepLabV3), one 1x1 classifier per step."""
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,11 +20,23 @@ def is_classifier_param(name, step=None):
     return name.startswith(classifier_prefix(step) if step is not None else "cls.")
 
 
+class ModelOutput(NamedTuple):
+    """What the segmentation model returns: the methods' contract with the model.
+
+    logits: [B, sum(classes), H, W] at the input size. features: by name, every backbone stage
+    ("stage1".."stage4" for the ResNets, the output of each residual stage, strides 4, 8, 16/8, 16/8),
+    "body" (the last stage, the head's input) and "pre_logits" (the head's output, the classifiers'
+    input). A tuple, so `logits, features = model(x)` works too."""
+
+    logits: torch.Tensor
+    features: dict
+
+
 class IncrementalSegmentationModule(nn.Module):
     """body -> head -> concatenation of the per-step classifiers `cls[i]` (classes[i] channels each).
 
-    forward(x) -> (logits [B, sum(classes), H, W] bilinearly upsampled to x's size,
-                   {"body": body output, "pre_logits": head output}).
+    forward(x) -> ModelOutput(logits bilinearly upsampled to x's size, features by name). A body with
+    `forward_stages(x)` (name -> map, in order, the last being the body output) gives its stages too.
     """
 
     def __init__(self, body, head, head_channels, classes):
@@ -41,16 +54,17 @@ class IncrementalSegmentationModule(nn.Module):
         return sum(self.classes)
 
     def forward(self, x):
-        body_out = self.body(x)
+        stages = self.body.forward_stages(x) if hasattr(self.body, "forward_stages") else {}
+        body_out = next(reversed(stages.values())) if stages else self.body(x)
         head_out = self.head(body_out)
         logits = torch.cat([classifier(head_out) for classifier in self.cls], dim=1)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, {"body": body_out, "pre_logits": head_out}
+        return ModelOutput(logits, {**stages, "body": body_out, "pre_logits": head_out})
 
     @torch.no_grad()
     def init_new_classifier(self):
-        """MiB's init_balanced (METHODS.md §2) on the last classifier: the old background
-        probability is shared equally by background and the N new classes."""
+        """MiB's init_balanced (docs/methods.md#balanced-classifier-initialisation) on the last classifier:
+        the old background probability is shared equally by background and the N new classes."""
         if len(self.cls) < 2:
             raise ValueError("init_new_classifier needs a model with a classifier added after step 0")
         background_weight = self.cls[0].weight[0].clone()

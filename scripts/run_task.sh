@@ -2,8 +2,8 @@
 # Run every step of a task with one method, chaining steps through checkpoints.
 #   scripts/run_task.sh <dataset> <task> <method> [extra run.py options...]
 # Environment: NPROC (processes per node; >1 launches torchrun), PYTHON (interpreter),
-#              FIRST_STEP / LAST_STEP (sub-range of steps). The learning rate is 0.01 at step 0 and
-#              0.001 after (the papers' schedule) unless an extra --lr is given.
+#              FIRST_STEP / LAST_STEP (sub-range of steps). The learning rate is run.py's default
+#              (0.01 at step 0, 0.001 after: the papers' schedule) unless an extra --lr is given.
 set -euo pipefail
 if [ $# -lt 3 ]; then
     echo "usage: $0 <dataset> <task> <method> [run.py options...]" >&2
@@ -21,8 +21,7 @@ first=${FIRST_STEP:-0}
 last=${LAST_STEP:-$((n_steps - 1))}
 
 for step in $(seq "$first" "$last"); do
-    if [ "$step" -eq 0 ]; then lr=0.01; else lr=0.001; fi
-    args=(run.py --dataset "$dataset" --task "$task" --method "$method" --step "$step" --lr "$lr" "$@")
+    args=(run.py --dataset "$dataset" --task "$task" --method "$method" --step "$step" "$@")
     echo "== $method $dataset $task step $step =="
     if [ "$NPROC" -gt 1 ]; then
         "$PY" -m torch.distributed.run --nproc_per_node="$NPROC" "${args[@]}"

@@ -15,7 +15,7 @@ from benchmarks.legacy_pipeline import legacy_eval_transform, legacy_train_trans
 from dataset import BatchNormalize, get_datasets, load_meta
 from dataset.isprs import ISPRSCrops
 from dataset.transforms import RandomScaleCrop, train_transform
-from methods import get_method_class
+from methods import SetupContext, get_method_class
 from modules import make_model
 from process_data import make_crop_store
 from tests.conftest import png_only_copy
@@ -233,7 +233,7 @@ def _trainer(data_root, tmp_path, method, extra=(), step=1):
     old_model = (make_model(o, classes[:-1]).to(memory_format=memory_format).eval().requires_grad_(False)
                  if step > 0 else None)
     method_obj = get_method_class(o.method)(o, o.step, classes)
-    method_obj.setup(model, None)
+    method_obj.setup(SetupContext(model=model))
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], o, dist.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     # aot_eager: dynamo + AOT autograd as with inductor, without minutes of C++ code generation on a CPU

@@ -10,7 +10,7 @@ import torch
 import tasks
 from argparser import parse_args
 from dataset import get_datasets, label_lut
-from methods import LWFMC, MiB, losses
+from methods import LWFMC, MiB, SetupContext, losses
 from methods.mib_family import EWC as EWCMethod, FT
 from tests.test_invariance import TinySegModel, make_opts, make_step_models, random_batch
 from train import Trainer
@@ -88,7 +88,7 @@ def test_icarl_disjoint_at_step0_is_plain_bce_and_refuses_invariance():
 def test_method_passes_the_regulariser_order(after):
     _, new = make_step_models()
     method = EWCMethod(make_opts(EWCMethod, reg_update_after_step=after), 0, [4])
-    method.setup(new, None)
+    method.setup(SetupContext(model=new))
     assert method.regularizer.update_after_step is after
 
 

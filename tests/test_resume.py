@@ -215,12 +215,12 @@ def test_stale_temp_files_of_killed_saves_are_removed_at_the_next_start(data_roo
 def test_method_resume_state_round_trip():
     """Generators and the regulariser's running state come back in place (shared tensors stay shared)."""
     from argparser import parse_args
-    from methods import get_method_class
+    from methods import SetupContext, get_method_class
 
     opts = parse_args(["--method", "MiCro", "--regularizer", "pi", "--cd_factor", "0.1", "--step", "0"])
     model = torch.nn.Linear(3, 2)
     method = get_method_class("MiCro")(opts, 0, [5])
-    method.setup(model, None)
+    method.setup(SetupContext(model=model))
     state = method.resume_state()
     assert {"_symmetry_rng", "_anchor_rng"} <= set(state["generators"])
     expected = torch.randint(100, (5,), generator=method._symmetry_rng)
