@@ -1,5 +1,5 @@
 # make demo  - synthetic Vaihingen -> processing -> task 3-1s steps 0 and 1 (FT, MiB, MiCro) on CPU -> table + figures
-# make test  - the pytest suite (CPU, synthetic data)
+# make test  - ruff check, then the pytest suite (CPU, synthetic data)
 # make lint  - ruff check (settings in pyproject.toml)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,6 +14,7 @@ $(STAMP): requirements.txt pyproject.toml scripts/setup_env.sh
 setup: $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

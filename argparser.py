@@ -45,7 +45,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def _without_default(match, default) -> str:
     """A parenthesised remark without the default it repeats: `(0.7)` -> ``, `(100; 0 disables it)`
     -> ` (0 disables it)`."""
-    head, _, rest = re.split(r"([;,])", match.group(1), maxsplit=1) + ["", ""][: 2 * (not re.search(r"[;,]", match.group(1)))]
+    parts = re.split(r"([;,])", match.group(1), maxsplit=1)
+    head, _, rest = parts + ["", ""][: 3 - len(parts)]
     if not _same_value(head, default):
         return match.group(0)
     return f" ({rest.strip()})" if rest.strip() else ""
@@ -203,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "std"])
     g.add_argument("--no_pretrained", "--no-pretrained", dest="no_pretrained", action="store_true", default=False,
                    help="start from random weights instead of ImageNet")
-    g.add_argument("--pretrained", default=None, help="ImageNet weights (default pretrained/<backbone>_<norm_act>.pth.tar)")
+    g.add_argument("--pretrained", default=None,
+                   help="ImageNet weights (default pretrained/<backbone>_<norm_act>.pth.tar)")
     g.add_argument("--pooling_size", type=int, default=32,
                    help="eval-time ASPP image-pooling window (MiB's --pooling); global when the feature map is "
                         "no larger")

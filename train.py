@@ -148,8 +148,9 @@ class Trainer:
         window_sums: dict[str, torch.Tensor] = {}
         window = 0
         n_iters = batches_per_pass(loader, self.opts.debug)
-        bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{self.opts.epochs}", disable=True if self.dist.rank != 0 else None,
-                   leave=False, dynamic_ncols=True, mininterval=2.0)  # None: only on a terminal
+        bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{self.opts.epochs}",
+                   disable=True if self.dist.rank != 0 else None,  # None: only on a terminal
+                   leave=False, dynamic_ncols=True, mininterval=2.0)
         start = time.time()
         try:
             for i, (images, labels) in enumerate(loader):

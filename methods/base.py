@@ -82,10 +82,11 @@ class Method:
         Options read only at t > 0 (KD/DE/iCaRL weights, UnCE/UnKD, balanced init, cd_factor_icl) are
         not in it; options shared by every method (data, model, schedule, seed) are not either. A
         subclass whose own terms act at step 0 overrides this and adds them."""
-        terms = {"segmentation": "bce" if opts.icarl else "ce"}
+        terms = {"segmentation": "bce" if opts.icarl or getattr(opts, "bce", False) else "ce"}
         if opts.regularizer:  # its state (Fisher, scores) must be accumulated during step 0
             terms["regularizer"] = [opts.regularizer, opts.reg_importance, opts.reg_alpha,
-                                    bool(opts.reg_no_normalize), opts.reg_iterations]
+                                    bool(opts.reg_no_normalize), opts.reg_iterations,
+                                    bool(getattr(opts, "reg_update_after_step", False))]
         if opts.cd_factor > 0:
             terms["cd_factor"] = opts.cd_factor
         return terms

@@ -161,7 +161,8 @@ class MiCro(MiB):
     A reconstruction: no code was published; every free choice is a flag (--micro_*). Features are
     pooled by --micro_pool, then L2-normalised (--micro_normalize); labels go to that grid by
     nearest neighbour, old logits by average pooling (their argmax gives region assignments and
-    pseudo-labels; region prototypes cover every old class, background included). Anchors are drawn from a generator seeded with --random_seed and the step.
+    pseudo-labels; region prototypes cover every old class, background included). Anchors are drawn
+    from a generator seeded with --random_seed and the step.
     Under DDP each process uses its own batch (no all-gather): "the batch" is the per-process batch
     (--batch_size), and the losses' gradients are averaged by DDP like any other loss."""
 
@@ -180,8 +181,8 @@ class MiCro(MiB):
             return
         group = parser.add_argument_group("MiCro", "MiCro reconstruction (docs/methods.md#micro-flags)")
         group.add_argument("--micro_pool", type=int, default=2,
-                           help="average-pooling factor applied to pre_logits before the MiCro losses (2); the CFRD cost grows as "
-                                "(batch·pixels/pool²)², so pool 1 costs ~16x pool 2")
+                           help="average-pooling factor applied to pre_logits before the MiCro losses (2); the "
+                                "CFRD cost grows as (batch·pixels/pool²)², so pool 1 costs ~16x pool 2")
         group.add_argument("--micro_normalize", choices=["after_pool", "before_pool"], default="after_pool",
                            help="L2-normalise the features after pooling (unit vectors, default) or per pixel before")
         group.add_argument("--micro_cfrd", type=float, default=1.0,

@@ -1,9 +1,15 @@
 """ResNet backbones with a pluggable normalisation+activation (in-place ABN or pure PyTorch)."""
-from .norm_act import (HAS_INPLACE_ABN, NORM_ACT_NAMES, NORM_LAYER_TYPES, PURE_ABN_ENV, NormAct,
-                       norm_act_factory)
+from .norm_act import HAS_INPLACE_ABN, NORM_ACT_NAMES, NORM_LAYER_TYPES, PURE_ABN_ENV, NormAct, norm_act_factory
 from .resnet import ARCHITECTURES, ResNet, resnet
-from .weights import (convert_torchvision_state_dict, default_pretrained_path, find_default_pretrained, inflate_first_conv,
-                      load_pretrained, read_state_dict, resolve_pretrained_path)
+from .weights import (
+    convert_torchvision_state_dict,
+    default_pretrained_path,
+    find_default_pretrained,
+    inflate_first_conv,
+    load_pretrained,
+    read_state_dict,
+    resolve_pretrained_path,
+)
 
 BACKBONES = tuple(ARCHITECTURES)
 
@@ -27,7 +33,8 @@ def build_backbone(name, norm_act="iabn_sync", output_stride=16, pretrained=None
 
 
 __all__ = [
-    "ARCHITECTURES", "BACKBONES", "HAS_INPLACE_ABN", "NORM_ACT_NAMES", "NORM_LAYER_TYPES", "PURE_ABN_ENV", "NormAct", "ResNet",
+    "ARCHITECTURES", "BACKBONES", "HAS_INPLACE_ABN", "NORM_ACT_NAMES", "NORM_LAYER_TYPES", "PURE_ABN_ENV", "NormAct",
+    "ResNet",
     "build_backbone", "convert_torchvision_state_dict", "default_pretrained_path", "find_default_pretrained",
     "inflate_first_conv",
     "load_pretrained", "norm_act_factory", "read_state_dict", "resnet", "resolve_pretrained_path",

@@ -34,6 +34,8 @@ def test_step0_signatures_share_plain_cross_entropy_methods():
     # decided from the options, so a user's option moves a method between groups
     assert signature("FT", "--cd_factor", "0.1") == signature("MiB-CD", "--cd_factor_icl", "0")
     assert signature("MiCro", "--micro_contrast", "0") == signature("FT")
+    assert signature("FT", "--bce") != signature("FT")  # a BCE head is another step 0
+    assert signature("EWC", "--reg_update_after_step") != signature("EWC")  # other regulariser state
     assert signature("MiCro", "--micro_cfrd", "5") == signature("MiCro")  # t > 0 only
     assert signature("EWC") != signature("EWC", "--reg_importance", "1")
     assert signature("FT", "--icarl") == signature("LWF-MC")

@@ -11,7 +11,8 @@ import tasks
 from argparser import parse_args
 from dataset import get_datasets, label_lut
 from methods import LWFMC, MiB, SetupContext, losses
-from methods.mib_family import EWC as EWCMethod, FT
+from methods.mib_family import EWC as EWCMethod
+from methods.mib_family import FT
 from tests.test_invariance import TinySegModel, make_opts, make_step_models, random_batch
 from train import Trainer
 from utils.errors import UserError

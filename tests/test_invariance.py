@@ -169,7 +169,7 @@ def test_invariance_is_positive_for_a_non_equivariant_model_and_matches_formula(
         terms = invariance_losses(features, old, index, 2, cd_factor=0.1, cd_factor_icl=0.3)
         # direct re-computation with numpy rotations
         plain, rotated = features[:2].detach().numpy(), features[2:].detach().numpy()
-        def sym(a):
+        def sym(a, index=index):
             a = np.rot90(a, index % 4, axes=(-2, -1))
             return np.flip(a, axis=-1) if index >= 4 else a
         assert terms["cd"].item() == pytest.approx(0.1 * np.mean((sym(plain) - rotated) ** 2), rel=1e-12)

@@ -216,7 +216,8 @@ def test_micro_presets_flags_and_registry():
     opts = parser.parse_args([])
     assert (opts.micro_pool, opts.micro_cfrd, opts.micro_tau, opts.micro_contrast, opts.micro_anchors,
             opts.micro_region, opts.micro_pseudo_threshold) == (2, 1.0, 0.1, 0.1, 1024, 0.1, 0.7)
-    assert (opts.micro_contrast_temperature, opts.micro_base_temperature, opts.micro_normalize) == (0.1, 0.07, "after_pool")
+    assert (opts.micro_contrast_temperature, opts.micro_base_temperature, opts.micro_normalize) == \
+        (0.1, 0.07, "after_pool")
 
 
 def test_micro_training_losses_step0_and_step1():

@@ -1,6 +1,6 @@
-"""EWC, PI and RW (METHODS.md §3): running state vs hand-rolled update rules in MiB's order (the default) and
-in the opt-in after-the-step order, injected penalty gradient vs autograd, hand-over of the state to the next
-step (running Fisher restarting from the saved one), user errors."""
+"""EWC, PI and RW (docs/methods.md#parameter-regularisers): running state vs hand-rolled update rules in
+MiB's order (the default) and in the opt-in after-the-step order, injected penalty gradient vs autograd,
+hand-over of the state to the next step (running Fisher restarting from the saved one), user errors."""
 import pytest
 import torch
 from torch import nn
@@ -296,7 +296,7 @@ def test_injected_gradient_equals_autograd_of_penalty(name, normalized):
 
     # Value: λ Σ Ω (θ − θ°)² over the old parameters, Ω from the step-0 state.
     omega = ref_omega(name, state0, normalized)
-    want = importance * sum(((omega[n] * (params[n] - state0["params"][n]) ** 2).sum() for n in omega))
+    want = importance * sum((omega[n] * (params[n] - state0["params"][n]) ** 2).sum() for n in omega)
     torch.testing.assert_close(value, want.detach())
     torch.testing.assert_close(reg.penalty().detach(), want.detach())
     # Gradient: what was added to p.grad equals autograd's gradient of penalty(); new classifier untouched.
