@@ -21,6 +21,7 @@ import tasks
 from argparser import default_lr, parse_args
 from dataset import BatchNormalize, data_protocol, get_datasets, load_meta
 from methods import SetupContext, get_method_class
+from models import norm_act_factory
 from modules import check_checkpoint_bands, checkpoint_input_bands, classifier_prefix, make_model
 from train import AMP_LEVELS, Trainer, batches_per_pass, compile_model, evaluate
 from utils.checkpoint import (
@@ -315,6 +316,8 @@ def run_step(opts, dist) -> dict:
                 f"on {dist.device}"
                 + (f" ({torch.get_num_threads()} threads each)" if dist.device.type == "cpu" else ""))
     process_group = torch.distributed.group.WORLD if dist.distributed else None
+    logger.info(f"normalisation --norm_act {opts.norm_act}: "
+                f"{norm_act_factory(opts.norm_act, process_group=process_group).implementation}")
 
     if opts.test:
         return run_test(opts, dist, build_model(opts, dist, classes, process_group), classes, meta, logger, ckpt_path)

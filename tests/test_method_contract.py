@@ -91,6 +91,7 @@ def test_method_with_prepass_stage_feature_and_shared_state(data_root, tmp_path,
     assert relabelled_any
     log = (tmp_path / "logs" / "4-1-vaihingen" / "PrePass" / "step1" / "log.txt").read_text()
     assert "stage3_kd" in log
+    assert "normalisation --norm_act std: torch BatchNorm2d + ReLU" in log  # which implementation runs
 
 
 def test_model_output_names_every_stage():
