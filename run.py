@@ -22,7 +22,7 @@ from argparser import default_lr, parse_args
 from dataset import BatchNormalize, data_protocol, get_datasets, load_meta
 from methods import SetupContext, get_method_class
 from models import norm_act_factory
-from modules import check_checkpoint_bands, checkpoint_input_bands, classifier_prefix, make_model
+from modules import check_checkpoint_bands, classifier_prefix, make_model
 from train import AMP_LEVELS, Trainer, batches_per_pass, compile_model, evaluate
 from utils.checkpoint import (
     capture_rng_state,
@@ -148,10 +148,6 @@ def load_model_weights(model, checkpoint: dict, path: str, strict: bool = True) 
     if not strict and saved != expected[: len(saved)]:
         raise UserError(f"{path} holds a model with classes per step {saved}, but step {len(expected) - 1} "
                         f"needs {expected[:-1]} before it; check --task/--dataset or --step_ckpt")
-    bands = checkpoint_input_bands(state)
-    if bands is not None and bands != model.body.in_channels:
-        raise UserError(f"{path} was trained on {bands}-band images but the data has {model.body.in_channels} bands; "
-                        f"use a checkpoint and a processed dataset with the same --channels")
     own = model.state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if wrong_shape:
@@ -192,21 +188,20 @@ def _drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
 
 # Options stored in a checkpoint that the loading run must share (label, option).
 COMPATIBILITY = (("backbone", "--backbone"), ("output_stride", "--output_stride"), ("norm_act", "--norm_act"),
-                 ("input_channels", "input channels"), ("dataset", "--dataset"), ("task", "--task"),
+                 ("dataset", "--dataset"), ("task", "--task"),
                  ("overlap", "--overlap"), ("filter_mode", "--filter_mode"))
 # In-place ABN with and without synchronisation: the same parameters and the same function.
 _SAME_NORM = {"iabn_sync": "iabn"}
 
 
 def check_compatible(opts, checkpoint: dict, path, meta: dict, logger) -> None:
-    """The backbone, output stride, norm_act, input channels, dataset, task and split stored in
-    `checkpoint` must be this run's; a mismatch is a UserError naming both values (a warning with
-    --allow_mismatch). Checkpoints without stored options are not checked."""
+    """The backbone, output stride, norm_act, dataset, task and split stored in `checkpoint` must be this
+    run's; a mismatch is a UserError naming both values (a warning with --allow_mismatch). Checkpoints
+    without stored options are not checked. Input bands are checked earlier, by check_checkpoint_bands."""
     saved = dict(checkpoint.get("opts") or {})
     if not saved:
         return
-    saved.setdefault("input_channels", checkpoint.get("input_channels"))
-    ours = dict(vars(opts), input_channels=opts.in_channels)
+    ours = vars(opts)
     for key, label in COMPATIBILITY:
         theirs, mine = saved.get(key), ours.get(key)
         if theirs is None:

@@ -157,12 +157,19 @@ def _stop_in_epoch(monkeypatch, stop_epoch):
     monkeypatch.setattr(run.Trainer, "train_epoch", train_epoch)
 
 
-def test_no_resume_starts_over_and_changed_options_are_refused(data_root, tmp_path, monkeypatch, capsys):
+def _interrupted_in_epoch_2(data_root, tmp_path, monkeypatch) -> list[str]:
+    """Train a 2-epoch step 0 that stops at the start of epoch 2 (the last checkpoint holds epoch 1);
+    returns its command line."""
     argv = run_args(data_root, tmp_path, 0, extra=["--epochs", "2", "--debug"])
     with monkeypatch.context() as patch:
         _stop_in_epoch(patch, 1)
         with pytest.raises(_Stop):
             run.main(argv)
+    return argv
+
+
+def test_no_resume_starts_over_and_changed_options_are_refused(data_root, tmp_path, monkeypatch, capsys):
+    argv = _interrupted_in_epoch_2(data_root, tmp_path, monkeypatch)
     last = _last(tmp_path)
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["epoch"] == 1 and state["iteration_in_epoch"] == 0 and state["iteration"] == 2
@@ -181,11 +188,7 @@ def test_no_resume_starts_over_and_changed_options_are_refused(data_root, tmp_pa
 
 
 def test_resume_from_a_checkpoint_of_another_world_size_is_refused(data_root, tmp_path, monkeypatch, capsys):
-    argv = run_args(data_root, tmp_path, 0, extra=["--epochs", "2", "--debug"])
-    with monkeypatch.context() as patch:
-        _stop_in_epoch(patch, 1)
-        with pytest.raises(_Stop):
-            run.main(argv)
+    argv = _interrupted_in_epoch_2(data_root, tmp_path, monkeypatch)
     state = torch.load(_last(tmp_path), map_location="cpu", weights_only=False)
     state["world_size"] = 2
     torch.save(state, _last(tmp_path))
