@@ -24,6 +24,7 @@ from methods import SetupContext, get_method_class
 from models import norm_act_factory
 from modules import check_checkpoint_bands, classifier_prefix, make_model
 from train import AMP_LEVELS, Trainer, batches_per_pass, compile_model, evaluate
+from utils.atomic_files import remove_stale_temps
 from utils.checkpoint import (
     capture_rng_state,
     check_free_space,
@@ -33,7 +34,6 @@ from utils.checkpoint import (
     last_checkpoint_path,
     load_checkpoint,
     non_finite_tensors,
-    remove_stale_temps,
     restore_rng_state,
     run_tag,
     save_checkpoint,

@@ -1,20 +1,18 @@
-"""Atomic checkpoint / file writing, checkpoint naming, resume helpers (RNG states, stale temps, hashes)
-and the output-folder checks made before training."""
+"""Checkpoint saving (atomic, utils/atomic_files.py) and loading, checkpoint naming, resume helpers (RNG states,
+hashes) and the output-folder checks made before training."""
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import random
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
 
+from utils.atomic_files import atomic_write
 from utils.errors import UserError
 
 
@@ -32,44 +30,6 @@ def run_tag(task: str, dataset: str, overlap) -> str:
 def checkpoint_path(root, task: str, dataset: str, overlap, name: str, step: int) -> Path:
     """`<root>/step/<task>-<dataset>[-ov]_<name>_<step>.pth` (root: --checkpoint_dir, default checkpoints)."""
     return Path(root) / "step" / f"{run_tag(task, dataset, overlap)}_{name}_{int(step)}.pth"
-
-
-def atomic_write(path, write: Callable[[IO], None], binary: bool = True) -> Path:
-    """Call `write(file)` on a temp file beside `path`, fsync it, then rename it over `path`.
-
-    A crash or an exception leaves either the previous file or none under `path`, never half a file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Own unique name opened with "x" (not mkstemp) so the file gets the usual umask permissions.
-    tmp_name = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp_name, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path, state: dict) -> Path:
@@ -110,36 +70,6 @@ def file_sha256(path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_stale_temps(paths) -> list[Path]:
-    """Remove temp files that killed atomic writes of `paths` left (`.<name>.<pid>.<hex>.tmp` of a dead pid).
-
-    Returns the removed files. Temps of a live process (a concurrent save) are kept.
-    """
-    removed = []
-    for path in map(Path, paths):
-        if not path.parent.is_dir():
-            continue
-        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            parts = tmp.name[len(path.name) + 2:].split(".")
-            if len(parts) == 3 and parts[0].isdigit() and not _pid_alive(int(parts[0])):
-                try:
-                    tmp.unlink()
-                    removed.append(tmp)
-                except FileNotFoundError:
-                    pass
-    return removed
 
 
 def _closest_existing(path: Path) -> Path:

@@ -12,7 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from utils.checkpoint import atomic_write, split_suffix
+from utils.atomic_files import atomic_write
+from utils.checkpoint import split_suffix
 from utils.errors import UserError
 
 # New columns go at the end, so that readers indexing the older ones keep working.
