@@ -1,14 +1,15 @@
 """Joint image/label transforms for segmentation; picklable, no torchvision.
 
-Spatial transforms accept either numpy (image H x W x C, label H x W) or torch (image C x H x W,
-label H x W) and return the same kind; image and label always get the same geometry. Random
-draws use torch's generator, which DataLoader seeds differently in every worker.
+Image and label always get the same geometry. Random draws use torch's generator, which DataLoader
+seeds differently in every worker.
 
-The data path keeps crops uint8 until the device: items are uint8 (image H x W x C, label H x W),
-scale-crop resamples only what lands in the crop, the training flips and rotations are folded into
-its index arrays (the standalone flip/rotation transforms return numpy views), and
-`BatchNormalize` converts and normalises the whole batch on the device. `ToTensor` + `Normalize`
-are the per-item float equivalent.
+The data path keeps crops uint8 until the device: items are numpy uint8 (image H x W x C, label H x W),
+`RandomScaleCropFlipRotate` resamples only what lands in the crop, with the flips and rotations folded
+into its index arrays, `ToUint8` makes them tensors and `BatchNormalize` converts and normalises the
+whole batch on the device. The separate transforms it fuses are kept as its definition:
+`RandomScaleCrop` (numpy, like the fused one) and, for the per-item float path of
+benchmarks/legacy_pipeline.py, `ToTensor` (numpy -> float C x H x W), the flips and
+`RandomRotation90` (torch C x H x W) and `Normalize`.
 """
 import numpy as np
 import torch
@@ -32,17 +33,15 @@ class Compose:
 
 
 class ToTensor:
-    """uint8 H x W x C image -> float32 C x H x W in [0, 1]; label -> int64 H x W."""
+    """numpy uint8 H x W x C image -> float32 C x H x W in [0, 1]; numpy label -> int64 H x W."""
 
     def __call__(self, image, label):
-        if isinstance(image, np.ndarray):
-            image = np.ascontiguousarray(image)
-            if image.ndim == 2:
-                image = image[:, :, None]
-            image = torch.from_numpy(image).permute(2, 0, 1)
+        image = np.ascontiguousarray(image)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        image = torch.from_numpy(image).permute(2, 0, 1)
         image = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
-        label = torch.from_numpy(np.ascontiguousarray(label)) if isinstance(label, np.ndarray) else label
-        return image.contiguous(), label.long()
+        return image.contiguous(), torch.from_numpy(np.ascontiguousarray(label)).long()
 
 
 class Normalize:
@@ -62,10 +61,9 @@ class Normalize:
 
 
 class _RandomFlip:
-    """Flip image and label together with probability p: numpy H x W (x C) or torch (C x) H x W."""
+    """Flip image C x H x W and label H x W (torch) together with probability p."""
 
-    numpy_axis: int
-    torch_dim: int
+    dim: int
 
     def __init__(self, p=0.5):
         self.p = p
@@ -73,21 +71,19 @@ class _RandomFlip:
     def __call__(self, image, label):
         if not _coin(self.p):
             return image, label
-        if isinstance(image, np.ndarray):
-            return np.flip(image, self.numpy_axis), np.flip(label, self.numpy_axis)
-        return image.flip(self.torch_dim), label.flip(self.torch_dim)
+        return image.flip(self.dim), label.flip(self.dim)
 
 
 class RandomHorizontalFlip(_RandomFlip):
-    numpy_axis, torch_dim = 1, -1
+    dim = -1
 
 
 class RandomVerticalFlip(_RandomFlip):
-    numpy_axis, torch_dim = 0, -2
+    dim = -2
 
 
 class RandomRotation90:
-    """Rotate by k x 90 degrees, k uniform in {0, 1, 2, 3} (or fixed `k`)."""
+    """Rotate image C x H x W and label H x W (torch) by k x 90 degrees, k uniform in {0, 1, 2, 3} (or fixed `k`)."""
 
     def __init__(self, k=None):
         self.k = k
@@ -96,8 +92,6 @@ class RandomRotation90:
         k = int(torch.randint(0, 4, ()).item()) if self.k is None else self.k
         if k % 4 == 0:
             return image, label
-        if isinstance(image, np.ndarray):
-            return np.rot90(image, k, axes=(0, 1)), np.rot90(label, k, axes=(0, 1))
         return torch.rot90(image, k, dims=(-2, -1)), torch.rot90(label, k, dims=(-2, -1))
 
 
@@ -184,7 +178,8 @@ def scale_crop_window(image, label, size, top, left, crop_size, ignore_index=255
 
 
 class RandomScaleCrop:
-    """Random rescale by s in `scale` (bilinear image, nearest label), pad, random crop.
+    """Random rescale by s in `scale` (bilinear image, nearest label), pad, random crop; numpy image
+    H x W x C and label H x W in and out.
 
     The MiB recipe (scale 0.5-2.0): a rescaled image smaller than the crop is padded with 0 and
     its label with `ignore_index`, so padding never counts as a class. Only the source window that
@@ -197,20 +192,17 @@ class RandomScaleCrop:
         self.scale = (float(scale[0]), float(scale[1]))
         self.ignore_index = ignore_index
 
-    def __call__(self, image, label):
-        as_torch = torch.is_tensor(image)
-        if as_torch:
-            image = image.permute(1, 2, 0).numpy()
-            label = label.numpy()
-        h, w = label.shape[-2:]
+    def draw(self, h, w):
+        """The random rescaled size (h', w') of an h x w input and the crop's top-left corner in it."""
         s = self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand(()).item()
         size = (max(1, round(h * s)), max(1, round(w * s)))
         top = int(torch.randint(0, max(size[0], self.crop_size) - self.crop_size + 1, ()).item())
         left = int(torch.randint(0, max(size[1], self.crop_size) - self.crop_size + 1, ()).item())
-        image, label = scale_crop_window(image, label, size, top, left, self.crop_size, self.ignore_index)
-        if as_torch:
-            return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
-        return image, label
+        return size, top, left
+
+    def __call__(self, image, label):
+        size, top, left = self.draw(*label.shape[-2:])
+        return scale_crop_window(image, label, size, top, left, self.crop_size, self.ignore_index)
 
 
 def _transpose(image, label):
@@ -235,11 +227,7 @@ class RandomScaleCropFlipRotate:
 
     def __call__(self, image, label):
         sc = self.scale_crop
-        h, w = label.shape[-2:]
-        s = sc.scale[0] + (sc.scale[1] - sc.scale[0]) * torch.rand(()).item()
-        size = (max(1, round(h * s)), max(1, round(w * s)))
-        top = int(torch.randint(0, max(size[0], sc.crop_size) - sc.crop_size + 1, ()).item())
-        left = int(torch.randint(0, max(size[1], sc.crop_size) - sc.crop_size + 1, ()).item())
+        size, top, left = sc.draw(*label.shape[-2:])
         flip_cols, flip_rows = _coin(self.p_flip), _coin(self.p_flip)  # horizontal first, as in Compose
         k = int(torch.randint(0, 4, ()).item())
         # rot90(F, 1) = transpose(F[:, ::-1]); rot90(F, 2) = F[::-1, ::-1]; rot90(F, 3) = transpose(F[::-1])

@@ -147,7 +147,8 @@ def test_scale_crop_float_input_matches_the_old_path_exactly():
         torch.manual_seed(seed)
         old_image, old_label = LegacyRandomScaleCrop(32)(as_float, torch.from_numpy(label))
         torch.manual_seed(seed)
-        new_image, new_label = RandomScaleCrop(32)(as_float, torch.from_numpy(label))
+        new_image, new_label = RandomScaleCrop(32)(as_float.permute(1, 2, 0).numpy(), label)
+        new_image, new_label = torch.from_numpy(new_image).permute(2, 0, 1), torch.from_numpy(new_label)
         assert torch.equal(new_label, old_label) and torch.allclose(new_image, old_image, atol=2e-6)
 
 
