@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("data")
     g.add_argument("--data_root", default="data", help="folder holding <dataset>/ made by process_data/")
-    g.add_argument("--dataset", default="vaihingen", choices=["vaihingen", "potsdam"])
+    g.add_argument("--dataset", default="vaihingen", choices=list(tasks.DATASETS))  # the names of utils/data_layout.py
     g.add_argument("--task", default="4-1",
                    help=f"incremental task of tasks.py: MiCro's {', '.join(tasks.TASKS['vaihingen'])} (clutter = "
                         f"background) or MiB-CD's {', '.join(tasks.MIBCD_TASKS['potsdam'])} (synthetic background)")

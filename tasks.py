@@ -18,6 +18,7 @@ import operator
 import numpy as np
 
 from utils.colormap import CLASS_NAMES
+from utils.data_layout import DATASETS
 from utils.errors import UserError
 
 MICRO, MIBCD = "micro", "mibcd"
@@ -52,9 +53,9 @@ def _copy(task_dict):
     return {task: {step: list(classes) for step, classes in steps.items()} for task, steps in task_dict.items()}
 
 
-# Same tasks for both ISPRS datasets; separate dicts so adding a task to one leaves the other alone.
-TASKS = {"vaihingen": _copy(_ISPRS_TASKS), "potsdam": _copy(_ISPRS_TASKS)}  # MiCro's family
-MIBCD_TASKS = {"vaihingen": _copy(_MIBCD_TASKS), "potsdam": _copy(_MIBCD_TASKS)}  # MiB-CD's family
+# Same tasks for every dataset (utils/data_layout.py); separate dicts so adding a task to one leaves the others alone.
+TASKS = {dataset: _copy(_ISPRS_TASKS) for dataset in DATASETS}  # MiCro's family
+MIBCD_TASKS = {dataset: _copy(_MIBCD_TASKS) for dataset in DATASETS}  # MiB-CD's family
 _FAMILY_TASKS = {MICRO: TASKS, MIBCD: MIBCD_TASKS}
 
 
@@ -72,8 +73,8 @@ def all_tasks(dataset):
 
 
 def _check_dataset(dataset):
-    if dataset not in TASKS:
-        raise UserError(f"unknown dataset '{dataset}'; choose one of: {', '.join(sorted(TASKS))}")
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{dataset}'; choose one of: {', '.join(sorted(DATASETS))}")
 
 
 def _task(dataset, task):

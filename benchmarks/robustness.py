@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from process_data.isprs_processing import VAIHINGEN, process_dataset  # noqa: E402
 from process_data.make_synthetic_isprs import generate  # noqa: E402
+from utils.data_layout import dataset_dir, meta_file  # noqa: E402
 
 TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "64", "--batch_size", "4", "--epochs", "1",
         "--num_workers", "0", "--norm_act", "iabn", "--dataset", "vaihingen", "--task", "4-1"]
@@ -38,7 +39,7 @@ def env():
 
 def make_data(out: Path) -> Path:
     data = out / "data"
-    if not (data / "vaihingen" / "meta.json").exists():
+    if not meta_file(dataset_dir(data, "vaihingen")).exists():
         generate("vaihingen", out / "raw", seed=0, tile_size=180, n_train=3, n_test=2, object_scale=1.0)
         process_dataset(VAIHINGEN, out / "raw", data, crop_size=64, stride=64, seed=42, progress=False)
     return data

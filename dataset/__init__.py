@@ -4,11 +4,13 @@ import sys
 import numpy as np
 
 import tasks
+from utils import data_layout
 from utils.colormap import CLASS_NAMES
+from utils.data_layout import dataset_dir, load_meta, meta_file, process_command, process_script
 from utils.errors import UserError
 
 from .incremental import IncrementalDataset, default_unseen, label_lut
-from .isprs import ISPRSCrops, dataset_dir, load_meta
+from .isprs import ISPRSCrops
 from .transforms import BatchNormalize, eval_transform, train_transform
 
 __all__ = ["get_datasets", "load_meta", "split_file", "data_protocol", "ISPRSCrops", "IncrementalDataset",
@@ -18,14 +20,14 @@ CROSS_VAL_FRACTION = 0.2
 
 
 def split_file(data_root, dataset, task, step, overlap):
-    """Path of the step's split file `<task><suffix>/train-<step>.npy`.
+    """Path of the step's split file `<task><suffix>/train-<step>.npy` (utils/data_layout.py).
 
     overlap: a filter mode of the task's family (tasks.FILTER_MODES: suffix '' for its default,
     '-ov' overlap, '-noov' noov) or, as before, a bool (True = overlap, False = the default).
     """
     mode = overlap if isinstance(overlap, str) else ("overlap" if overlap else None)
     suffix = tasks.split_suffix(dataset, task, mode)
-    return dataset_dir(data_root, dataset) / (task + suffix) / f"train-{step}.npy"
+    return data_layout.split_file(dataset_dir(data_root, dataset), task, suffix, step)
 
 
 def data_protocol(opts):
@@ -45,7 +47,7 @@ def data_protocol(opts):
 
 
 def _load_split(path, n_train_crops, data_root, dataset):
-    regenerate = (f"python process_data/data_process_{dataset}.py --dst {data_root} --splits_only")
+    regenerate = f"python {process_script(dataset)} --dst {data_root} --splits_only"
     if not path.is_file():
         raise UserError(f"split file {path} not found; regenerate the split files with `{regenerate}`")
     try:
@@ -84,16 +86,15 @@ def get_datasets(opts):
         names = ", ".join(CLASS_NAMES[c] for c in new_classes)
         raise UserError(f"step {step} of task {task} has no training crop ({path} is empty: no "
                         f"train crop of {dataset} contains {names}); process more tiles, lower "
-                        f"--min_pixels with `python process_data/data_process_{dataset}.py --dst "
+                        f"--min_pixels with `python {process_script(dataset)} --dst "
                         f"{data_root} --splits_only --min_pixels N`, or choose another task")
 
     crop_size = getattr(opts, "crop_size", None) or meta["crop_size"]
     if crop_size > meta["crop_size"]:
         raise UserError(f"--crop_size {crop_size} is larger than the crops stored in "
-                        f"{dataset_dir(data_root, dataset) / 'meta.json'} ({meta['crop_size']} px); train "
+                        f"{meta_file(dataset_dir(data_root, dataset))} ({meta['crop_size']} px); train "
                         f"with --crop_size {meta['crop_size']} or process the data again with "
-                        f"`python process_data/data_process_{dataset}.py --src RAW --dst {data_root} "
-                        f"--crop_size {crop_size}`")
+                        f"`{process_command(data_root, dataset)} --crop_size {crop_size}`")
     masking = not getattr(opts, "no_mask", False)
     luts = {mode: label_lut(dataset, task, step, mode, unseen=protocol["test_unseen"], masking=masking)
             for mode in ("train", "val", "test")}

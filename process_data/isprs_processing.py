@@ -1,4 +1,5 @@
-"""Shared code of the ISPRS processing scripts (docs/data.md: raw and processed layouts).
+"""Shared code of the ISPRS processing scripts (docs/data.md: raw and processed layouts; the processed
+layout and meta.json's format are utils/data_layout.py's, the crop store's utils/crop_store.py's).
 
 raw archives (zipped or extracted) -> the crop store `<dst>/<dataset>/{train,test}/{images,labels}.npy`
 (uint8, memory-mapped by the loader; optional PNG previews `{train,test}/{images,labels}/*.png`),
@@ -18,7 +19,6 @@ Layout of the processed dataset:
 """
 import argparse
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -38,12 +38,26 @@ except ImportError:  # pragma: no cover
 
 import tasks as task_defs
 from utils.colormap import CLASS_NAMES, IGNORE_INDEX, PALETTE, count_off_palette, decode_colors
-from utils.crop_store import STORE_VERSION, NpyAppender, store_file
+from utils.crop_store import NpyAppender, store_file, store_meta
+from utils.data_layout import (
+    LABEL_VALUES,
+    SPLITS,
+    check_meta,
+    dataset_dir,
+    meta_file,
+    meta_header,
+    png_dir,
+    process_command,
+    read_meta,
+    save_npy,
+    split_file,
+    split_folder,
+    write_meta,
+)
 from utils.errors import UserError, exit_on_user_error
 
 NUM_CLASSES = len(CLASS_NAMES)
-COUNT_COLUMNS = list(range(NUM_CLASSES)) + [IGNORE_INDEX]  # columns of the per-crop pixel counts
-META_VERSION = 1
+COUNT_COLUMNS = list(LABEL_VALUES)  # columns of the per-crop pixel counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,46 +389,18 @@ def task_splits(family, presence, steps, seed):
     return {"disjoint": disjoint_split(presence, steps, seed), "overlap": overlapped_split(presence, steps)}
 
 
-def _atomic_save_npy(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
-
-
-def _format_meta(meta):
-    """JSON with one line per key of the first two levels; lists stay on one line (readable, small)."""
-    def block(obj, indent):
-        if not isinstance(obj, dict) or indent > 1:
-            return json.dumps(obj)
-        pad = " " * (indent + 1)
-        items = ",\n".join(f"{pad}{json.dumps(k)}: {block(v, indent + 1)}" for k, v in obj.items())
-        return "{\n" + items + "\n" + " " * indent + "}"
-    return block(meta, 0) + "\n"
-
-
-def _atomic_write_json(path, obj):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(_format_meta(obj))
-    os.replace(tmp, path)
-
-
-def write_splits(dataset_dir, meta):
+def write_splits(folder, meta):
     """Write the split files of every filter mode of every task (both families); returns their sizes."""
-    dataset_dir = Path(dataset_dir)
     seed, min_pixels = meta["split"]["seed"], meta["split"]["min_pixels"]
     presence = class_presence(meta["train"]["class_pixels"], min_pixels)
     sizes = {}
     for task, (family, step_dict) in task_defs.all_tasks(meta["dataset"]).items():
         steps = [step_dict[s] for s in sorted(step_dict)]
         suffixes = task_defs.FILTER_MODES[family]
-        splits = {task + suffixes[mode]: per_step
-                  for mode, per_step in task_splits(family, presence, steps, seed).items()}
-        for folder, per_step in splits.items():
+        for mode, per_step in task_splits(family, presence, steps, seed).items():
             for step, indices in enumerate(per_step):
-                _atomic_save_npy(dataset_dir / folder / f"train-{step}.npy", np.sort(indices))
-            sizes[folder] = [int(len(indices)) for indices in per_step]
+                save_npy(split_file(folder, task, suffixes[mode], step), np.sort(indices))
+            sizes[split_folder(task, suffixes[mode])] = [int(len(indices)) for indices in per_step]
     return sizes
 
 
@@ -519,7 +505,7 @@ def process_dataset(layout, src, dst, crop_size=512, stride=None, test_labels=No
         raise UserError(f"--test_labels {test_labels}: choose eroded or complete")
     min_pixels = default_min_pixels(crop_size) if min_pixels is None else int(min_pixels)
     dst = Path(dst)
-    final_dir = dst / layout.name
+    final_dir = dataset_dir(dst, layout.name)
     work_dir = dst / f".{layout.name}.partial-{os.getpid()}"
 
     with RawSource(src, layout.wanted_folders()) as source:
@@ -529,9 +515,9 @@ def process_dataset(layout, src, dst, crop_size=512, stride=None, test_labels=No
         except OSError as err:
             raise UserError(f"cannot create --dst {dst} ({err.strerror}); choose a writable folder") from None
         shutil.rmtree(work_dir, ignore_errors=True)
-        for split in ("train", "test"):
+        for split in SPLITS:
             for kind in ("images", "labels") if png else ():
-                (work_dir / split / kind).mkdir(parents=True)
+                png_dir(work_dir, split, kind).mkdir(parents=True)
         try:
             crops = _crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, progress, png)
         except BaseException:
@@ -539,8 +525,7 @@ def process_dataset(layout, src, dst, crop_size=512, stride=None, test_labels=No
             raise
 
     meta = {
-        "format_version": META_VERSION,
-        "dataset": layout.name,
+        **meta_header(layout.name),
         "classes": list(CLASS_NAMES),
         "palette": PALETTE.tolist(),
         "ignore_index": IGNORE_INDEX,
@@ -559,7 +544,7 @@ def process_dataset(layout, src, dst, crop_size=512, stride=None, test_labels=No
     try:
         meta["split"]["sizes"] = write_splits(work_dir, meta)
         meta["processing_seconds"] = round(time.time() - start, 2)
-        _atomic_write_json(work_dir / "meta.json", meta)
+        write_meta(work_dir, meta)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
@@ -574,11 +559,11 @@ def process_dataset(layout, src, dst, crop_size=512, stride=None, test_labels=No
 
 
 def _crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, progress, png=False):
-    per_split = {split: {"crops": [], "origins": [], "class_pixels": []} for split in ("train", "test")}
+    per_split = {split: {"crops": [], "origins": [], "class_pixels": []} for split in SPLITS}
     bands = NUM_BANDS[channels]
     writers = {(split, kind): NpyAppender(store_file(work_dir, split, kind),
                                           (crop_size, crop_size, bands) if kind == "images" else (crop_size, crop_size))
-               for split in ("train", "test") for kind in ("images", "labels")}
+               for split in SPLITS for kind in ("images", "labels")}
     try:
         meta = _crop_tiles_into(layout, source, tiles, work_dir, crop_size, stride, channels, progress, png,
                                 per_split, writers)
@@ -624,8 +609,8 @@ def _crop_tiles_into(layout, source, tiles, work_dir, crop_size, stride, channel
                 writers[split, "images"].append(image_crop)
                 writers[split, "labels"].append(label_crop)
                 if png:
-                    _save_png(image_crop, work_dir / split / "images" / name)
-                    _save_png(label_crop, work_dir / split / "labels" / name)
+                    _save_png(image_crop, png_dir(work_dir, split, "images") / name)
+                    _save_png(label_crop, png_dir(work_dir, split, "labels") / name)
                 entry = per_split[split]
                 entry["crops"].append(name)
                 entry["origins"].append([int(y), int(x)])
@@ -634,36 +619,31 @@ def _crop_tiles_into(layout, source, tiles, work_dir, crop_size, stride, channel
     mean = channel_sum / n_train_pixels
     std = np.sqrt(np.maximum(channel_sq_sum / n_train_pixels - mean ** 2, 0.0))
     meta = {"mean": mean.round(6).tolist(), "std": std.round(6).tolist(),
-            "tiles": {split: [t for s, t, _, _ in tiles if s == split] for split in ("train", "test")},
-            "tile_info": tile_info, "store": {"version": STORE_VERSION}}
+            "tiles": {split: [t for s, t, _, _ in tiles if s == split] for split in SPLITS},
+            "tile_info": tile_info, "store": None}
+    rows = {}
     for split, entry in per_split.items():
         # split files index the crops in sorted name order; the store keeps the order of writing
-        order = sorted(range(len(entry["crops"])), key=entry["crops"].__getitem__)
-        meta[split] = {key: [values[i] for i in order] for key, values in entry.items()}
-        meta["store"][split] = {"images": f"{split}/images.npy", "labels": f"{split}/labels.npy",
-                                "rows": order}
+        rows[split] = sorted(range(len(entry["crops"])), key=entry["crops"].__getitem__)
+        meta[split] = {key: [values[i] for i in rows[split]] for key, values in entry.items()}
+    meta["store"] = store_meta(rows)
     return meta
 
 
 def regenerate_splits(dst, dataset, seed=None, min_pixels=None):
     """Rewrite every split file of a processed dataset from meta.json alone (no image is read)."""
-    dataset_dir = Path(dst) / dataset
-    meta_path = dataset_dir / "meta.json"
-    if not meta_path.is_file():
-        raise UserError(f"{meta_path} not found: process the raw archives first with "
-                        f"`python process_data/data_process_{dataset}.py --src RAW --dst {dst}`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {meta_path} ({err}); process the dataset again") from None
+    folder = dataset_dir(dst, dataset)
+    meta = read_meta(meta_file(folder), f"process the raw archives first with `{process_command(dst, dataset)}`",
+                     "process the dataset again")
+    check_meta(meta, meta_file(folder), dst, dataset)
     if seed is not None:
         meta["split"]["seed"] = int(seed)
     if min_pixels is not None:
         if min_pixels < 1:
             raise UserError(f"--min_pixels {min_pixels}: must be at least 1")
         meta["split"]["min_pixels"] = int(min_pixels)
-    meta["split"]["sizes"] = write_splits(dataset_dir, meta)
-    _atomic_write_json(meta_path, meta)
+    meta["split"]["sizes"] = write_splits(folder, meta)
+    write_meta(folder, meta)
     return meta
 
 
@@ -682,7 +662,7 @@ def print_report(meta):
           f"of {meta['crop_size']} px (stride {meta['stride']}) from {len(meta['tiles']['train'])} + "
           f"{len(meta['tiles']['test'])} tiles; channels {meta['channels']}; test labels "
           f"{meta['test_labels']}")
-    for split in ("train", "test"):
+    for split in SPLITS:
         freq = class_frequencies(meta, split)
         print(f"  {split} class pixels %: " + ", ".join(
             f"{cls} {value:.1f}" for cls, value in zip(meta["classes"], freq)))
@@ -742,7 +722,7 @@ def main_for(layout):
         args = build_parser(layout).parse_args(argv)
         if args.splits_only:
             meta = regenerate_splits(args.dst, layout.name, seed=args.seed, min_pixels=args.min_pixels)
-            print(f"{layout.name}: split files rewritten in {Path(args.dst) / layout.name} (seed "
+            print(f"{layout.name}: split files rewritten in {dataset_dir(args.dst, layout.name)} (seed "
                   f"{meta['split']['seed']}, min_pixels {meta['split']['min_pixels']})")
             return meta
         if not args.src:

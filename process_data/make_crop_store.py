@@ -17,9 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dataset.isprs import DATASETS, load_meta  # noqa: E402
-from process_data.isprs_processing import _atomic_write_json  # noqa: E402
-from utils.crop_store import STORE_VERSION, NpyAppender, store_file  # noqa: E402
+from utils.crop_store import KINDS, NpyAppender, store_file, store_meta  # noqa: E402
+from utils.data_layout import (  # noqa: E402
+    DATASETS,
+    SPLITS,
+    dataset_dir,
+    load_meta,
+    png_dir,
+    process_command,
+    write_meta,
+)
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
 
 
@@ -38,20 +45,19 @@ def _read_png(path, shape, reprocess):
 def convert(data_root, dataset, remove_png=False, progress=True):
     """Write the crop store of a PNG-processed dataset; returns the updated meta.json content."""
     meta = load_meta(data_root, dataset)
-    root = Path(data_root) / dataset
-    reprocess = f"python process_data/data_process_{dataset}.py --src RAW --dst {data_root}"
+    root = dataset_dir(data_root, dataset)
+    reprocess = process_command(data_root, dataset)
     size, bands = int(meta["crop_size"]), int(meta["num_channels"])
     shapes = {"images": (size, size, bands) if bands > 1 else (size, size), "labels": (size, size)}
-    store = {"version": STORE_VERSION}
     written = []
     try:
-        for split in ("train", "test"):
-            for kind in ("images", "labels"):
+        for split in SPLITS:
+            for kind in KINDS:
                 writer = NpyAppender(store_file(root, split, kind), (size, size, bands) if kind == "images"
                                      else (size, size))
                 try:
                     for i, name in enumerate(meta[split]["crops"]):
-                        array = _read_png(root / split / kind / name, shapes[kind], reprocess)
+                        array = _read_png(png_dir(root, split, kind) / name, shapes[kind], reprocess)
                         writer.append(array.reshape(writer.item_shape))
                         if progress and i % 500 == 0:
                             print(f"\r{split} {kind}: {i}/{len(meta[split]['crops'])}", end="", file=sys.stderr)
@@ -60,20 +66,18 @@ def convert(data_root, dataset, remove_png=False, progress=True):
                     raise
                 writer.close()
                 written.append(writer.path)
-            store[split] = {"images": f"{split}/images.npy", "labels": f"{split}/labels.npy",
-                            "rows": list(range(len(meta[split]["crops"])))}
     except BaseException:
         for path in written:  # the store is not announced in meta.json: leave no orphan file either
             path.unlink(missing_ok=True)
         raise
     if progress:
         print(file=sys.stderr)
-    meta["store"] = store
-    _atomic_write_json(root / "meta.json", meta)
+    meta["store"] = store_meta({split: range(len(meta[split]["crops"])) for split in SPLITS})
+    write_meta(root, meta)
     if remove_png:
-        for split in ("train", "test"):
-            for kind in ("images", "labels"):
-                shutil.rmtree(root / split / kind, ignore_errors=True)
+        for split in SPLITS:
+            for kind in KINDS:
+                shutil.rmtree(png_dir(root, split, kind), ignore_errors=True)
     return meta
 
 
@@ -86,7 +90,7 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     meta = convert(args.data_root, args.dataset, remove_png=args.remove_png, progress=not args.quiet)
-    print(f"{args.dataset}: crop store written in {Path(args.data_root) / args.dataset} "
+    print(f"{args.dataset}: crop store written in {dataset_dir(args.data_root, args.dataset)} "
           f"({len(meta['train']['crops'])} train / {len(meta['test']['crops'])} test crops)")
     return meta
 

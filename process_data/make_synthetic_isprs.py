@@ -30,8 +30,9 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from process_data.isprs_processing import POTSDAM, VAIHINGEN  # noqa: E402
+from process_data.isprs_processing import LAYOUTS, POTSDAM, VAIHINGEN  # noqa: E402
 from utils.colormap import IGNORE_INDEX, colorize  # noqa: E402
+from utils.data_layout import DATASETS  # noqa: E402
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
 
 CLUTTER, IMPERVIOUS, BUILDING, LOW_VEG, TREE, CAR = range(6)
@@ -429,7 +430,7 @@ def _sizes(style, tile_size, n_train, n_test):
 
 
 def _write_folders(dataset, root, seed, tile_size, n_train, n_test, object_scale=None):
-    layout = VAIHINGEN if dataset == "vaihingen" else POTSDAM
+    layout = LAYOUTS[dataset]
     style = dict(STYLES[dataset], **({"scale": object_scale} if object_scale is not None else {}))
     tile_size, n_train, n_test = _sizes(style, tile_size, n_train, n_test)
     tiles = _select_tiles(layout, n_train, n_test)
@@ -487,11 +488,11 @@ def generate(dataset, dst, seed=0, tile_size=None, n_train=None, n_test=None, ob
     Sizes default to the demo sizes of STYLES. `zip=True` writes the zip archives (and the
     extracted folders too with `keep_folders=True`). Returns {"tiles": [(split, tile)], "paths": [...]}.
     """
-    if dataset not in STYLES:
-        raise UserError(f"--dataset {dataset}: choose vaihingen, potsdam or both")
+    if dataset not in DATASETS:
+        raise UserError(f"--dataset {dataset}: choose {', '.join(DATASETS)} or both")
     # check every size before writing anything; 0 is a value asked for, not "the default"
     tile_size_, n_train_, n_test_ = _sizes(STYLES[dataset], tile_size, n_train, n_test)
-    _select_tiles(VAIHINGEN if dataset == "vaihingen" else POTSDAM, n_train_, n_test_)
+    _select_tiles(LAYOUTS[dataset], n_train_, n_test_)
     if tile_size_ < 32:
         raise UserError(f"--tile_size {tile_size}: use at least 32 px")
     if object_scale is not None and not (math.isfinite(object_scale) and object_scale > 0):
@@ -518,7 +519,7 @@ def generate(dataset, dst, seed=0, tile_size=None, n_train=None, n_test=None, ob
 @exit_on_user_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write synthetic ISPRS Vaihingen/Potsdam raw archives.")
-    parser.add_argument("--dataset", choices=("vaihingen", "potsdam", "both"), default="both")
+    parser.add_argument("--dataset", choices=(*DATASETS, "both"), default="both")
     parser.add_argument("--dst", required=True, help="folder to write the raw archives to (RAW)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tile_size", type=int, default=None,
@@ -532,7 +533,7 @@ def main(argv=None):
     parser.add_argument("--zip", action="store_true", help="write the zip archives instead of folders")
     parser.add_argument("--keep_folders", action="store_true", help="with --zip: write the folders too")
     args = parser.parse_args(argv)
-    datasets = ["vaihingen", "potsdam"] if args.dataset == "both" else [args.dataset]
+    datasets = list(DATASETS) if args.dataset == "both" else [args.dataset]
     for dataset in datasets:
         start = time.time()
         result = generate(dataset, args.dst, seed=args.seed, tile_size=args.tile_size,

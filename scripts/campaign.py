@@ -30,6 +30,7 @@ import tasks  # noqa: E402
 from argparser import parse_args  # noqa: E402
 from methods import METHODS, get_method_class  # noqa: E402
 from utils.checkpoint import checkpoint_path  # noqa: E402
+from utils.data_layout import DATASETS, dataset_dir, meta_file  # noqa: E402
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
 from utils.result_tables import DEFAULT_SEED, effective_name, split_seed  # noqa: E402
 from utils.results import read_results, results_path  # noqa: E402
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Everything after `--` goes to every run.py call (e.g. --batch_size 12 --epochs 40 "
                "--checkpoint_dir ckpt --results_dir res). See docs/campaign.md.")
     parser.add_argument("--data_root", default="data", help="processed data root (default: data)")
-    parser.add_argument("--datasets", nargs="+", default=["vaihingen"], choices=sorted(tasks.TASKS),
+    parser.add_argument("--datasets", nargs="+", default=["vaihingen"], choices=sorted(DATASETS),
                         help="datasets (default: vaihingen)")
     parser.add_argument("--tasks", nargs="+", default=["4-1", "3-1s", "2-1s", "1s"],
                         help="tasks of tasks.py (default: 4-1 3-1s 2-1s 1s)")
@@ -303,7 +304,7 @@ class Campaign:
         """(iterations of the plan, iterations without step-0 sharing) from meta.json's split sizes."""
         total = unshared = 0
         for run in self.runs:
-            meta_path = Path(self.opts.data_root) / run.dataset / "meta.json"
+            meta_path = meta_file(dataset_dir(self.opts.data_root, run.dataset))
             try:
                 sizes = json.loads(meta_path.read_text(encoding="utf-8"))["split"]["sizes"]
                 crops = sizes[run.task + ("-ov" if run.overlap else "")][run.step]

@@ -19,6 +19,13 @@ def store_file(dataset_dir, split, kind):
     return Path(dataset_dir) / split / f"{kind}.npy"
 
 
+def store_meta(rows):
+    """meta.json's `store` entry: the format version and, per split, its files (relative to the dataset
+    folder) and `rows` (rows[split][i] = the store row of crop i of meta[split]["crops"])."""
+    return {"version": STORE_VERSION, **{split: {**{kind: f"{split}/{kind}.npy" for kind in KINDS}, "rows": list(r)}
+                                         for split, r in rows.items()}}
+
+
 def _npy_header(shape):
     text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {tuple(int(n) for n in shape)}, }}"
     prefix_len = 10  # magic (6) + version (2) + header length (2)

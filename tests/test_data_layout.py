@@ -1,0 +1,106 @@
+"""utils/data_layout.py: the writer (process_data/) and the reader (dataset/) of a processed dataset agree
+through it: names, meta.json format and version, folder layout, split files."""
+import shutil
+
+import numpy as np
+import pytest
+
+import argparser
+import tasks
+from dataset import load_meta, split_file
+from process_data import make_crop_store, make_synthetic_isprs
+from process_data.isprs_processing import LAYOUTS, regenerate_splits
+from scripts import campaign
+from utils import data_layout
+from utils.crop_store import KINDS, store_file
+from utils.data_layout import DATASETS, META_VERSION, dataset_dir, meta_file
+from utils.errors import UserError
+
+
+def test_the_processed_meta_json_is_what_the_reader_reads(data_root):
+    for dataset in DATASETS:
+        folder = dataset_dir(data_root, dataset)
+        meta = data_layout.load_meta(data_root, dataset)
+        assert load_meta(data_root, dataset) == meta  # dataset/ reads it through the owner
+        assert list(meta)[:2] == ["format_version", "dataset"]
+        assert meta["format_version"] == META_VERSION and meta["dataset"] == dataset
+        assert meta_file(folder).read_text() == data_layout._format_meta(meta)  # written by write_meta
+        for split in data_layout.SPLITS:
+            for kind in KINDS:  # the store files meta.json names are those the reader maps
+                path = store_file(folder, split, kind)
+                assert folder / meta["store"][split][kind] == path and path.is_file()
+
+
+def test_split_files_are_where_the_reader_looks(data_root):
+    for dataset in DATASETS:
+        meta = data_layout.load_meta(data_root, dataset)
+        for task, (family, steps) in tasks.all_tasks(dataset).items():
+            for mode, suffix in tasks.FILTER_MODES[family].items():
+                sizes = meta["split"]["sizes"][data_layout.split_folder(task, suffix)]
+                assert len(sizes) == len(steps)
+                for step, size in enumerate(sizes):
+                    path = split_file(data_root, dataset, task, step, mode)
+                    assert path == data_layout.split_file(dataset_dir(data_root, dataset), task, suffix, step)
+                    indices = np.load(path)
+                    assert len(indices) == size and indices.dtype == np.int64
+
+
+def test_write_meta_round_trips_and_leaves_no_temp(tmp_path):
+    folder = dataset_dir(tmp_path, "potsdam")
+    meta = {**data_layout.meta_header("potsdam"), "crop_size": 64, "split": {"sizes": {"4-1": [3, 0]}}}
+    data_layout.write_meta(folder, meta)
+    assert data_layout.load_meta(tmp_path, "potsdam") == meta
+    data_layout.save_npy(data_layout.split_file(folder, "4-1", "-ov", 1), np.arange(3))
+    assert np.array_equal(np.load(folder / "4-1-ov" / "train-1.npy"), np.arange(3))
+    assert sorted(p.name for p in folder.rglob("*")) == ["4-1-ov", "meta.json", "train-1.npy"]
+
+
+@pytest.mark.parametrize("field, value", [("format_version", META_VERSION + 1), ("dataset", "vaihingen")])
+def test_reader_and_split_rewriter_refuse_a_foreign_meta_json(data_root, tmp_path, field, value):
+    shutil.copytree(dataset_dir(data_root, "potsdam"), dataset_dir(tmp_path, "potsdam"))
+    meta = data_layout.load_meta(tmp_path, "potsdam")
+    data_layout.write_meta(dataset_dir(tmp_path, "potsdam"), {**meta, field: value})
+    message = (f"{tmp_path / 'potsdam' / 'meta.json'} is not a meta.json of potsdam in format {META_VERSION}; run "
+               f"`python process_data/data_process_potsdam.py --src RAW --dst {tmp_path}` again")
+    with pytest.raises(UserError) as err:
+        load_meta(tmp_path, "potsdam")
+    assert str(err.value) == message
+    with pytest.raises(UserError) as err:
+        regenerate_splits(tmp_path, "potsdam")
+    assert str(err.value) == message
+
+
+def test_missing_and_unreadable_meta_json_messages(tmp_path):
+    command = f"python process_data/data_process_vaihingen.py --src RAW --dst {tmp_path}"
+    path = tmp_path / "vaihingen" / "meta.json"
+    with pytest.raises(UserError) as err:
+        load_meta(tmp_path, "vaihingen")
+    assert str(err.value) == (f"{path} not found: --data_root {tmp_path} holds no processed vaihingen; "
+                              f"run `{command}` first")
+    with pytest.raises(UserError) as err:
+        regenerate_splits(tmp_path, "vaihingen")
+    assert str(err.value) == f"{path} not found: process the raw archives first with `{command}`"
+    path.parent.mkdir()
+    path.write_text("{")
+    with pytest.raises(UserError, match=rf"^cannot read {path} \(.*\); run `{command}` again$"):
+        load_meta(tmp_path, "vaihingen")
+    with pytest.raises(UserError, match=rf"^cannot read {path} \(.*\); process the dataset again$"):
+        regenerate_splits(tmp_path, "vaihingen")
+    with pytest.raises(UserError, match="--dataset berlin: choose one of vaihingen, potsdam"):
+        load_meta(tmp_path, "berlin")
+
+
+def _choices(parser, dest):
+    return next(action.choices for action in parser._actions if action.dest == dest)
+
+
+def test_every_list_of_datasets_is_the_owners(capsys):
+    assert tuple(tasks.TASKS) == tuple(tasks.MIBCD_TASKS) == DATASETS
+    assert set(LAYOUTS) == set(make_synthetic_isprs.STYLES) == set(DATASETS)
+    assert tuple(_choices(argparser.build_parser(), "dataset")) == DATASETS
+    assert tuple(_choices(campaign.build_parser(), "datasets")) == tuple(sorted(DATASETS))
+    for main, shown in ((make_crop_store.main, ",".join(DATASETS)),
+                        (make_synthetic_isprs.main, ",".join((*DATASETS, "both")))):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert f"{{{shown}}}" in capsys.readouterr().out
