@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from process_data.isprs_processing import VAIHINGEN, process_dataset  # noqa: E402
 from process_data.make_synthetic_isprs import generate  # noqa: E402
-from utils.data_layout import dataset_dir, meta_file  # noqa: E402
+from utils.data_layout import dataset_dir, meta_file, png_dir  # noqa: E402
 
 TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "64", "--batch_size", "4", "--epochs", "1",
         "--num_workers", "0", "--norm_act", "iabn", "--dataset", "vaihingen", "--task", "4-1"]
@@ -68,8 +68,8 @@ def bad_inputs(out: Path) -> list[str]:
 
     def damaged(name, damage):
         root = base / name
-        shutil.copytree(data / "vaihingen", root / "vaihingen")
-        for label in (root / "vaihingen" / "train" / "labels").glob("*.png"):
+        shutil.copytree(dataset_dir(data, "vaihingen"), dataset_dir(root, "vaihingen"))
+        for label in png_dir(dataset_dir(root, "vaihingen"), "train", "labels").glob("*.png"):
             Image.fromarray(damage(np.array(Image.open(label)))).save(label)
         return root
 

@@ -61,7 +61,7 @@ class PngCrops(ISPRSCrops):
 
     def __getitem__(self, index):
         name = self.names[index]
-        return read_png(self.root / "images" / name), read_png(self.root / "labels" / name)
+        return read_png(self.png_dirs["images"] / name), read_png(self.png_dirs["labels"] / name)
 
 
 def make_data(root):

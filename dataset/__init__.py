@@ -1,4 +1,4 @@
-"""ISPRS crop datasets, the incremental wrapper (split files + label remapping) and joint transforms."""
+"""ISPRS crop datasets (utils/data_layout.py), the incremental wrapper (split files + label remapping), transforms."""
 import sys
 
 import numpy as np

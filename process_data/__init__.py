@@ -1,1 +1,1 @@
-"""Raw ISPRS archives -> crops, meta.json and split files; the synthetic ISPRS generator."""
+"""Raw ISPRS archives -> crops, meta.json, split files (utils/data_layout.py); the synthetic ISPRS generator."""

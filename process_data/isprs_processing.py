@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover
 
 import tasks as task_defs
 from utils.colormap import CLASS_NAMES, IGNORE_INDEX, PALETTE, count_off_palette, decode_colors
-from utils.crop_store import NpyAppender, store_file, store_meta
+from utils.crop_store import KINDS, NpyAppender, store_file, store_meta
 from utils.data_layout import (
     LABEL_VALUES,
     SPLITS,
@@ -516,7 +516,7 @@ def process_dataset(layout, src, dst, crop_size=512, stride=None, test_labels=No
             raise UserError(f"cannot create --dst {dst} ({err.strerror}); choose a writable folder") from None
         shutil.rmtree(work_dir, ignore_errors=True)
         for split in SPLITS:
-            for kind in ("images", "labels") if png else ():
+            for kind in KINDS if png else ():
                 png_dir(work_dir, split, kind).mkdir(parents=True)
         try:
             crops = _crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, progress, png)
@@ -563,7 +563,7 @@ def _crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, pr
     bands = NUM_BANDS[channels]
     writers = {(split, kind): NpyAppender(store_file(work_dir, split, kind),
                                           (crop_size, crop_size, bands) if kind == "images" else (crop_size, crop_size))
-               for split in SPLITS for kind in ("images", "labels")}
+               for split in SPLITS for kind in KINDS}
     try:
         meta = _crop_tiles_into(layout, source, tiles, work_dir, crop_size, stride, channels, progress, png,
                                 per_split, writers)
@@ -633,9 +633,9 @@ def _crop_tiles_into(layout, source, tiles, work_dir, crop_size, stride, channel
 def regenerate_splits(dst, dataset, seed=None, min_pixels=None):
     """Rewrite every split file of a processed dataset from meta.json alone (no image is read)."""
     folder = dataset_dir(dst, dataset)
-    meta = read_meta(meta_file(folder), f"process the raw archives first with `{process_command(dst, dataset)}`",
-                     "process the dataset again")
-    check_meta(meta, meta_file(folder), dst, dataset)
+    path = meta_file(folder)
+    meta = check_meta(read_meta(path, f"process the raw archives first with `{process_command(dst, dataset)}`",
+                                "process the dataset again"), path, dst, dataset)
     if seed is not None:
         meta["split"]["seed"] = int(seed)
     if min_pixels is not None:

@@ -17,14 +17,15 @@ from utils.data_layout import DATASETS, META_VERSION, dataset_dir, meta_file
 from utils.errors import UserError
 
 
-def test_the_processed_meta_json_is_what_the_reader_reads(data_root):
+def test_the_processed_meta_json_is_what_the_reader_reads(data_root, tmp_path):
     for dataset in DATASETS:
         folder = dataset_dir(data_root, dataset)
         meta = data_layout.load_meta(data_root, dataset)
         assert load_meta(data_root, dataset) == meta  # dataset/ reads it through the owner
         assert list(meta)[:2] == ["format_version", "dataset"]
         assert meta["format_version"] == META_VERSION and meta["dataset"] == dataset
-        assert meta_file(folder).read_text() == data_layout._format_meta(meta)  # written by write_meta
+        rewritten = data_layout.write_meta(tmp_path / dataset, meta)
+        assert meta_file(folder).read_text() == rewritten.read_text()  # the writer wrote it with write_meta
         for split in data_layout.SPLITS:
             for kind in KINDS:  # the store files meta.json names are those the reader maps
                 path = store_file(folder, split, kind)

@@ -1,8 +1,9 @@
 """The crop store: one uint8 .npy per split and kind, read memory-mapped (no decoding).
 
 `<data_root>/<dataset>/<split>/images.npy` is N x S x S x C and `labels.npy` N x S x S, row r of
-both the crop `meta["store"][split]["rows"]` points to; meta.json's `store` entry (with its format
-`version`) is written only after both files are complete, so a half-written store is never read.
+both the crop `meta["store"][split]["rows"]` points to; meta.json's `store` entry (`store_meta`, with its
+format `version`) is written only after both files are complete, so a half-written store is never read.
+The rest of the processed layout and meta.json are utils/data_layout.py's.
 """
 import os
 import struct
