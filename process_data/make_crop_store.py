@@ -12,15 +12,13 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from dataset.isprs import DATASETS, load_meta  # noqa: E402
-from process_data.isprs_processing import _atomic_write_json  # noqa: E402
-from utils.crop_store import STORE_VERSION, NpyAppender, store_file  # noqa: E402
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
+from dataset.isprs import DATASETS, load_meta
+from process_data.isprs_processing import _atomic_write_json
+from utils.crop_store import STORE_VERSION, NpyAppender, store_file
+from utils.errors import UserError, exit_on_user_error
 
 
 def _read_png(path, shape, reprocess):
