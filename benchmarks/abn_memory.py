@@ -20,8 +20,6 @@ import resource
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 VARIANTS = [("iabn (inplace-abn package)", "iabn", "0"), ("iabn (pure-PyTorch fall-back)", "iabn", "1"),
             ("abn (BN + LeakyReLU)", "abn", "1"), ("std (BN + ReLU)", "std", "1")]
 

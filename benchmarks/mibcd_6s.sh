@@ -8,14 +8,11 @@
 # FT and MiB (plain CE), UFT + CD and MiB + CD (CE + invariance). Then:
 #   python benchmarks/summarize_mibcd.py $OUT
 # Environment: PYTHON, OUT (default bench_mibcd), EPOCHS (6), PATIENCE (0 = off), LAST_STEP (2).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+source "$(dirname "$0")/_env.sh"
 OUT=${OUT:-bench_mibcd}
 EPOCHS=${EPOCHS:-6}
 PATIENCE=${PATIENCE:-0}
 LAST_STEP=${LAST_STEP:-2}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
 [ -d "$OUT/raw" ] || "$PY" process_data/make_synthetic_isprs.py --dataset potsdam --dst "$OUT/raw" --seed 0 \
     --tile_size 384 --n_train 6 --n_test 2

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import argparser  # noqa: E402
-import tasks  # noqa: E402
-from methods import MiB, MiCro, StepContext  # noqa: E402
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
+import argparser
+import tasks
+from methods import MiB, MiCro, StepContext
+from utils.errors import UserError, exit_on_user_error
 
 PAPER_DEFAULTS = ["--batch_size", "12", "--crop_size", "512", "--backbone", "resnet101", "--output_stride", "16",
                   "--task", "4-1", "--step", "1"]

@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from process_data.isprs_processing import VAIHINGEN, process_dataset
+from process_data.make_synthetic_isprs import generate
+from utils.data_layout import dataset_dir, meta_file, png_dir
 
-from process_data.isprs_processing import VAIHINGEN, process_dataset  # noqa: E402
-from process_data.make_synthetic_isprs import generate  # noqa: E402
-from utils.data_layout import dataset_dir, meta_file, png_dir  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "64", "--batch_size", "4", "--epochs", "1",
         "--num_workers", "0", "--norm_act", "iabn", "--dataset", "vaihingen", "--task", "4-1"]

@@ -1,21 +1,15 @@
 """Table of benchmarks/synthetic_methods.sh: mIoU old/new/all per step and training time relative to FT.
     python benchmarks/summarize_methods.py bench_out"""
-import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.results import read_results  # noqa: E402
-
-EPOCH_SECONDS = re.compile(r"\] epoch \d+/\d+: .*\(([\d.]+)s, lr")
+from benchmarks.epoch_times import epoch_seconds
+from utils.results import read_results
 
 
 def training_seconds(log_txt: Path) -> float | None:
     """Sum of the epoch times a step's log.txt reports (data loading + training, no evaluation)."""
-    if not log_txt.is_file():
-        return None
-    return sum(float(m.group(1)) for m in EPOCH_SECONDS.finditer(log_txt.read_text()))
+    return sum(epoch_seconds(log_txt)) if log_txt.is_file() else None
 
 
 def show(value) -> str:

@@ -5,14 +5,10 @@ import re
 import sys
 from pathlib import Path
 
-EPOCH_SECONDS = re.compile(r"\] epoch \d+/\d+: .*\(([\d.]+)s, lr")
+from benchmarks.epoch_times import epoch_seconds
+
 NAMES = {"FT": "FT", "UFT-CD": "UFT + CD", "MiB": "MiB", "MiB-CD": "MiB + CD"}
 STEP0 = {"UFT-CD": "MiB-CD", "MiB": "FT"}  # whose step 0 a method continues (the same training)
-
-
-def epoch_seconds(log_txt: Path) -> list[float]:
-    """Times of the epochs a step's log.txt reports (data loading + training, no evaluation)."""
-    return [float(m.group(1)) for m in EPOCH_SECONDS.finditer(log_txt.read_text())] if log_txt.is_file() else []
 
 
 def pct(value) -> str:

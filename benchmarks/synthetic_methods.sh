@@ -8,15 +8,12 @@
 # Methods whose step 0 is plain cross-entropy (FT, LWF, ILT, MiB, HCISS) share one step-0 model
 # (`--step_ckpt`), exactly what each would train; the others train their own step 0. Same seed, data
 # and epochs for all. Then: python benchmarks/summarize_methods.py $OUT
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+source "$(dirname "$0")/_env.sh"
 OUT=${OUT:-bench_out}
 EPOCHS0=${EPOCHS0:-30}
 EPOCHS=${EPOCHS:-15}
 LR0=${LR0:-0.05}
 LR=${LR:-0.001}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 task_list=("$@")
 [ ${#task_list[@]} -gt 0 ] || task_list=(4-1 2-1s)
 

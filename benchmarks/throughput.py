@@ -23,31 +23,28 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-import run  # noqa: E402
-from argparser import parse_args  # noqa: E402
-from benchmarks.legacy_pipeline import legacy_train_transform, read_png  # noqa: E402
-from dataset import BatchNormalize, IncrementalDataset, label_lut, load_meta  # noqa: E402
-from dataset.isprs import ISPRSCrops  # noqa: E402
-from dataset.transforms import train_transform  # noqa: E402
-from methods import SetupContext, get_method_class  # noqa: E402
-from modules import make_model  # noqa: E402
-from process_data.isprs_processing import POTSDAM, process_dataset  # noqa: E402
-from process_data.make_synthetic_isprs import generate  # noqa: E402
-from train import Trainer, compile_model  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
-from utils.optimizer import make_optimizer  # noqa: E402
+import run
+from argparser import parse_args
+from benchmarks.legacy_pipeline import legacy_train_transform, read_png
+from dataset import BatchNormalize, IncrementalDataset, label_lut, load_meta
+from dataset.isprs import ISPRSCrops
+from dataset.transforms import train_transform
+from methods import SetupContext, get_method_class
+from modules import make_model
+from process_data.isprs_processing import POTSDAM, process_dataset
+from process_data.make_synthetic_isprs import generate
+from train import Trainer, compile_model
+from utils.distributed import DistInfo
+from utils.optimizer import make_optimizer
 
 CROP = 512
 # dense peak FLOP/s: (16-bit tensor cores, TF32 tensor cores); fp32 convolutions run as TF32 in cuDNN

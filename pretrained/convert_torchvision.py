@@ -6,17 +6,12 @@ torchvision itself is never imported: only the checkpoint's key names are used.
 """
 import argparse
 import os
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from models import ARCHITECTURES, NORM_ACT_NAMES, convert_torchvision_state_dict, read_state_dict  # noqa: E402
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
+from models import ARCHITECTURES, NORM_ACT_NAMES, convert_torchvision_state_dict, read_state_dict
+from utils.errors import UserError, exit_on_user_error
 
 
 def parse_args(argv=None):

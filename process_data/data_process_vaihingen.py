@@ -7,12 +7,8 @@
 --splits_only rewrites the split files from DATA_ROOT/vaihingen/meta.json without reading images.
 --png also writes PNG previews of the crops (training reads the crop store, images.npy / labels.npy).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from process_data.isprs_processing import VAIHINGEN, main_for  # noqa: E402
+from process_data.isprs_processing import VAIHINGEN, main_for
 
 main = main_for(VAIHINGEN)
 

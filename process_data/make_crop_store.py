@@ -10,15 +10,12 @@ previews unless --remove_png.
 import argparse
 import shutil
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from utils.crop_store import KINDS, NpyAppender, store_file, store_meta  # noqa: E402
-from utils.data_layout import (  # noqa: E402
+from utils.crop_store import KINDS, NpyAppender, store_file, store_meta
+from utils.data_layout import (
     DATASETS,
     SPLITS,
     dataset_dir,
@@ -27,7 +24,7 @@ from utils.data_layout import (  # noqa: E402
     process_command,
     write_meta,
 )
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
+from utils.errors import UserError, exit_on_user_error
 
 
 def _read_png(path, shape, reprocess):

@@ -19,7 +19,6 @@ shared between classes keep it from being trivial. Deterministic for a seed.
 """
 import argparse
 import math
-import sys
 import tempfile
 import time
 import zipfile
@@ -28,12 +27,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from process_data.isprs_processing import LAYOUTS, POTSDAM, VAIHINGEN  # noqa: E402
-from utils.colormap import IGNORE_INDEX, colorize  # noqa: E402
-from utils.data_layout import DATASETS  # noqa: E402
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
+from process_data.isprs_processing import LAYOUTS, POTSDAM, VAIHINGEN
+from utils.colormap import IGNORE_INDEX, colorize
+from utils.data_layout import DATASETS
+from utils.errors import UserError, exit_on_user_error
 
 CLUTTER, IMPERVIOUS, BUILDING, LOW_VEG, TREE, CAR = range(6)
 

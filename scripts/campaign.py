@@ -23,17 +23,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import tasks
+from argparser import parse_args
+from methods import METHODS, get_method_class
+from utils.checkpoint import checkpoint_path
+from utils.data_layout import DATASETS, dataset_dir, meta_file
+from utils.errors import UserError, exit_on_user_error
+from utils.result_tables import DEFAULT_SEED, effective_name, split_seed
+from utils.results import read_results, results_path
 
-import tasks  # noqa: E402
-from argparser import parse_args  # noqa: E402
-from methods import METHODS, get_method_class  # noqa: E402
-from utils.checkpoint import checkpoint_path  # noqa: E402
-from utils.data_layout import DATASETS, dataset_dir, meta_file  # noqa: E402
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
-from utils.result_tables import DEFAULT_SEED, effective_name, split_seed  # noqa: E402
-from utils.results import read_results, results_path  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Options the campaign sets per run: not allowed among the extra run.py options.
 CAMPAIGN_OPTIONS = ("--data_root", "--dataset", "--task", "--step", "--method", "--random_seed",

@@ -12,23 +12,28 @@ scripts/predict_tiles.py's sliding window.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import importlib.util
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import tasks
+from process_data.isprs_processing import _read_tile
+from utils.colormap import CLASS_NAMES, colorize, decode_colors
+from utils.errors import UserError, exit_on_user_error
+from utils.results import read_results
 
-import tasks  # noqa: E402
-from process_data.isprs_processing import _read_tile  # noqa: E402
-from utils.colormap import CLASS_NAMES, colorize, decode_colors  # noqa: E402
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
-from utils.results import read_results  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import predict_tiles  # noqa: E402
+def _sibling_script(name: str):
+    """Another entry point of scripts/, loaded from its file: scripts/ is a folder of scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+predict_tiles = _sibling_script("predict_tiles")  # StepModel and locate: the whole-tile inference
 
 PARTS = (("old", "miou_old"), ("new", "miou_new"), ("all", "miou_all"))
 

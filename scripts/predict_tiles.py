@@ -16,25 +16,22 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import tasks  # noqa: E402
-from dataset import label_lut, load_meta  # noqa: E402
-from modules import make_model  # noqa: E402
-from process_data.isprs_processing import LAYOUTS, RawSource, _locate_tiles, _read_tile, crop_positions  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.colormap import CLASS_NAMES, colorize, decode_colors  # noqa: E402
-from utils.distributed import choose_device, cpu_threads_per_process, gpu_driver_present  # noqa: E402
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
-from utils.metrics import SegmentationMetrics, format_table  # noqa: E402
+import tasks
+from dataset import label_lut, load_meta
+from modules import make_model
+from process_data.isprs_processing import LAYOUTS, RawSource, _locate_tiles, _read_tile, crop_positions
+from utils.checkpoint import load_checkpoint
+from utils.colormap import CLASS_NAMES, colorize, decode_colors
+from utils.distributed import choose_device, cpu_threads_per_process, gpu_driver_present
+from utils.errors import UserError, exit_on_user_error
+from utils.metrics import SegmentationMetrics, format_table
 
 PREVIEW_SIDE = 768  # longest side of a preview panel, in pixels
 

@@ -5,12 +5,9 @@ column groups = tasks, mIoU old / new / all at each task's final step, mean ± s
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from utils.errors import UserError, exit_on_user_error  # noqa: E402
-from utils.result_tables import RENDERERS, collect, paper_tables, per_class_tables, write_tables  # noqa: E402
+from utils.errors import UserError, exit_on_user_error
+from utils.result_tables import RENDERERS, collect, paper_tables, per_class_tables, write_tables
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Backbones, norm_act implementations, pretrained loading/conversion, DeepLabV3 head, incremental model."""
+import importlib.util
 import math
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -226,11 +226,10 @@ def torchvision_resnet18_forward(sd, x):
 
 
 def load_converter():
-    sys.path.insert(0, str(REPO_ROOT / "pretrained"))
-    try:
-        import convert_torchvision
-    finally:
-        sys.path.remove(str(REPO_ROOT / "pretrained"))
+    spec = importlib.util.spec_from_file_location("convert_torchvision",
+                                                  REPO_ROOT / "pretrained" / "convert_torchvision.py")
+    convert_torchvision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_torchvision)
     return convert_torchvision
 
 
