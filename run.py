@@ -43,10 +43,12 @@ from utils.colormap import CLASS_NAMES
 from utils.distributed import (
     DistributedEvalSampler,
     all_gather_object,
+    available_cpus,
     barrier,
     broadcast_object,
     cleanup,
     init_distributed,
+    local_world_size,
     relaunch_command,
 )
 from utils.early_stopping import EarlyStopping
@@ -76,18 +78,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def default_num_workers(dist) -> int:
     """min(8, CPUs available / processes on this machine), at least 1."""
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size if dist.distributed else 1))
-    return max(1, min(8, available_cpus() // max(local_processes, 1)))
+    return max(1, min(8, available_cpus() // max(local_world_size(dist.world_size), 1)))
 
 
 def seed_worker(worker_id: int) -> None:

@@ -211,14 +211,14 @@ def test_four_band_model_forward_and_weight_inflation(tmp_path):
     assert logits.shape == (2, 3, 48, 48) and model.body.in_channels == 4
 
 
-def test_sample_strip_shows_rgb_of_a_four_band_image():
-    from utils.logger import sample_strip
+def test_sample_images_show_rgb_of_a_four_band_image():
+    from utils.logger import sample_images
 
     mean, std = [0.5, 0.5, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25]
     image = torch.zeros(1, 4, 2, 2)
     image[0, 3] = 10.0  # a bright infrared band must not leak into the picture
-    strip = sample_strip(image, torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), mean, std)
-    assert strip.shape == (2, 6, 3) and (strip[:, :2] == 128).all()
+    pixels = sample_images(image, mean, std)
+    assert pixels.shape == (1, 2, 2, 3) and (pixels == 128).all()
 
 
 # ---------------------------------------------------------------------------------------------- F1
