@@ -385,6 +385,14 @@ def test_band_mismatch_is_one_line_and_writes_nothing(mibcd_chain, data_root, tm
     assert not fresh.exists()
 
 
+def test_band_mismatch_names_the_option_that_makes_the_bands(mibcd_chain, data_root, tmp_path, capsys):
+    out, _ = mibcd_chain
+    four_band = out / "ckpt" / "step" / "6s-potsdam_MiB_0.pth"
+    assert_user_error(capsys, mibcd_args(data_root, tmp_path / "out", 1, extra=["--step_ckpt", str(four_band)]),
+                      f"{four_band} was trained on 4-band images but potsdam under --data_root {data_root} (RGB) has "
+                      f"3 bands; use a checkpoint and a processed dataset with the same --channels")
+
+
 def test_rgb_checkpoint_on_rgbir_data_is_refused(rgbir_root, data_root, tmp_path, capsys):
     run.main(mibcd_args(data_root, tmp_path, 0, method="FT", extra=["--debug"]))
     three = str(tmp_path / "ckpt" / "step" / "6s-potsdam_FT_0.pth")

@@ -326,3 +326,19 @@ def test_logger_is_noop_on_other_ranks(tmp_path, capsys):
     logger.close()
     assert capsys.readouterr().out == ""
     assert not logdir.exists()
+
+
+def test_user_error_reworded_keeps_the_sentence_and_survives_pickling():
+    import pickle
+
+    err = UserError("{path} does not match {backbone}: {problems}; use other weights", path="w{1}.pth",
+                    backbone="resnet18", problems="2 missing")
+    assert str(err) == "w{1}.pth does not match resnet18: 2 missing; use other weights"
+    worded = err.reworded(backbone="--backbone resnet18", norm_act="unused", hint=" or pass --no_pretrained")
+    assert isinstance(worded, UserError)
+    assert str(worded) == "w{1}.pth does not match --backbone resnet18: 2 missing; use other weights or pass " \
+                          "--no_pretrained"
+    plain = UserError("a literal {brace} stays")
+    assert str(plain) == str(plain.reworded(brace="x")) == "a literal {brace} stays"
+    assert str(pickle.loads(pickle.dumps(err)).reworded(backbone="b")) == "w{1}.pth does not match b: 2 missing; " \
+                                                                          "use other weights"
