@@ -312,9 +312,10 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
     for key in ("num_workers", "ckpt_interval", "sample_num"):
         _check_range(opts, key, 0, math.inf, ">= 0")
     _check_range(opts, "dist_timeout", 0.0, math.inf, "positive (seconds)", low_open=True)
-    if getattr(opts, "icarl", False) and getattr(opts, "unce", False):
-        raise UserError("--icarl (BCE classifier, LWF-MC) and --unce (unbiased cross-entropy, MiB) are alternative "
-                        "segmentation losses; drop one of them")
+    if opts.lr_policy == "step" and opts.lr_decay_step <= 0:
+        raise UserError(f"--lr_policy step needs a positive step size in iterations (got {opts.lr_decay_step}); "
+                        f"set --lr_decay_step")
+    get_method_class(opts.method).validate(opts)  # the method's own options, and which it cannot combine
     return opts
 
 

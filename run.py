@@ -43,10 +43,12 @@ from utils.colormap import CLASS_NAMES
 from utils.distributed import (
     DistributedEvalSampler,
     all_gather_object,
+    available_cpus,
     barrier,
     broadcast_object,
     cleanup,
     init_distributed,
+    local_world_size,
     relaunch_command,
 )
 from utils.early_stopping import EarlyStopping
@@ -76,18 +78,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def default_num_workers(dist) -> int:
     """min(8, CPUs available / processes on this machine), at least 1."""
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size if dist.distributed else 1))
-    return max(1, min(8, available_cpus() // max(local_processes, 1)))
+    return max(1, min(8, available_cpus() // max(local_world_size(dist.world_size), 1)))
 
 
 def seed_worker(worker_id: int) -> None:
@@ -162,9 +155,14 @@ def load_model_weights(model, checkpoint: dict, path: str, strict: bool = True) 
                         f"--norm_act?): missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def previous_checkpoint(opts) -> tuple[str, dict]:
-    path = opts.step_ckpt or checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts),
+def previous_checkpoint_path(opts):
+    """The step t-1 checkpoint a step t > 0 starts from: --step_ckpt, else the run's own of step t-1."""
+    return opts.step_ckpt or checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts),
                                              opts.name, opts.step - 1)
+
+
+def previous_checkpoint(opts) -> tuple[str, dict]:
+    path = previous_checkpoint_path(opts)
     if not os.path.isfile(path):
         argv = _drop_options(opts.command_line, ("--step", "--lr"))
         previous = ["--step", str(opts.step - 1), "--lr", f"{default_lr(opts.step - 1):g}"]
@@ -297,10 +295,12 @@ def run_step(opts, dist) -> dict:
     ckpt_path = checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name, opts.step)
     last_path = last_checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name,
                                      opts.step)
-    loaded = (opts.ckpt or ckpt_path) if opts.test else (opts.step_ckpt or checkpoint_path(
-        opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name, opts.step - 1)) if opts.step else None
-    check_checkpoint_bands(loaded, opts.in_channels, f"{opts.dataset} under --data_root {opts.data_root} "
-                                                     f"({meta.get('channels')})")  # before anything is written
+    loaded = (opts.ckpt or ckpt_path) if opts.test else previous_checkpoint_path(opts) if opts.step else None
+    try:  # before anything is written
+        check_checkpoint_bands(loaded, opts.in_channels, f"{opts.dataset} under --data_root {opts.data_root} "
+                                                         f"({meta.get('channels')})")
+    except UserError as err:
+        raise err.reworded(channels="--channels") from None  # process_data's option making the bands
     # --test logs into its own run below the step's, never into the training run's folder.
     logdir = os.path.join(opts.logdir, task_tag(opts), opts.name, f"step{opts.step}", *(["test"] if opts.test else []))
     if dist.rank == 0:
@@ -310,25 +310,24 @@ def run_step(opts, dist) -> dict:
                 f"({opts.name}, seed {opts.random_seed}); classes per step {classes}; {dist.world_size} process(es) "
                 f"on {dist.device}"
                 + (f" ({torch.get_num_threads()} threads each)" if dist.device.type == "cpu" else ""))
-    process_group = torch.distributed.group.WORLD if dist.distributed else None
-    logger.info(f"normalisation --norm_act {opts.norm_act}: "
-                f"{norm_act_factory(opts.norm_act, process_group=process_group).implementation}")
+    # after init_distributed: iabn_sync synchronises over the process group when there is one (models.norm_act)
+    logger.info(f"normalisation --norm_act {opts.norm_act}: {norm_act_factory(opts.norm_act).implementation}")
 
     if opts.test:
-        return run_test(opts, dist, build_model(opts, dist, classes, process_group), classes, meta, logger, ckpt_path)
+        return run_test(opts, dist, build_model(opts, dist, classes), classes, meta, logger, ckpt_path)
 
-    # The method from the options alone (it checks them); its per-step state comes in `setup` below. A
-    # missing or incompatible step t-1 checkpoint is reported before anything else is read.
+    # The method from the options alone (argparser checked them with its `validate`); its per-step state
+    # comes in `setup` below. A missing or incompatible step t-1 checkpoint is reported before anything else
+    # is read.
     method = get_method_class(opts.method)(opts, opts.step, classes)
     previous = read_previous_step(opts, meta, logger) if opts.step > 0 else None
     # 1. data and loaders
     train_loader, val_loader, test_loader = load_data(opts, dist)
     # 2. model (step t-1 weights at t > 0) and old model
-    model = build_model(opts, dist, classes, process_group)
+    model = build_model(opts, dist, classes)
     old_model, previous_state, lineage = None, None, None
     if previous is not None:
-        old_model, previous_state, lineage = load_previous_step(opts, dist, model, method, classes, previous, logger,
-                                                                process_group)
+        old_model, previous_state, lineage = load_previous_step(opts, dist, model, method, classes, previous, logger)
     logger.info(f"{len(train_loader.dataset)} training crops, {len(val_loader.dataset) if val_loader else 0} "
                 f"validation, {len(test_loader.dataset)} test")
     if opts.freeze and not opts.regularizer:
@@ -386,12 +385,12 @@ def load_data(opts, dist, test_only: bool = False):
     return make_loaders(opts, dist, train_set, val_set, test_set)
 
 
-def build_model(opts, dist, classes, process_group, no_pretrained=None):
+def build_model(opts, dist, classes, no_pretrained=None):
     """The step's model on the device, in the chosen memory format. Weights come from ImageNet only at
     step 0 training; otherwise from step checkpoints."""
     if no_pretrained is None:
         no_pretrained = not (opts.step == 0 and not opts.test and not opts.no_pretrained)
-    model = make_model(_with(opts, no_pretrained=no_pretrained), classes, process_group=process_group)
+    model = make_model(_with(opts, no_pretrained=no_pretrained), classes)
     memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
     return model.to(dist.device).to(memory_format=memory_format)
 
@@ -403,7 +402,7 @@ def read_previous_step(opts, meta, logger) -> tuple[str, dict]:
     return prev_path, prev
 
 
-def load_previous_step(opts, dist, model, method, classes, previous, logger, process_group):
+def load_previous_step(opts, dist, model, method, classes, previous, logger):
     """t > 0: step t-1's weights (`previous`: path and contents) into `model` (then the method's
     `init_new_model`), the frozen old model when the method runs it, the method state step t-1 handed on,
     and the lineage record."""
@@ -412,7 +411,7 @@ def load_previous_step(opts, dist, model, method, classes, previous, logger, pro
     method.init_new_model(model)
     old_model = None
     if method.uses_old_model:
-        old_model = build_model(opts, dist, classes[:-1], process_group, no_pretrained=True)
+        old_model = build_model(opts, dist, classes[:-1], no_pretrained=True)
         load_model_weights(old_model, prev, prev_path)
         old_model.eval()
         old_model.requires_grad_(False)

@@ -12,6 +12,7 @@ import torch
 
 from methods import losses
 from methods.invariance import NUM_SYMMETRIES, apply_symmetry, invariance_losses
+from methods.regularizers import check_options as check_regularizer_options
 from methods.regularizers import make_regularizer
 from utils.errors import UserError
 
@@ -109,7 +110,25 @@ class Method:
     def add_arguments(cls, parser) -> None:
         """Add method-specific flags to the parser (called for every registered method)."""
 
+    @classmethod
+    def validate(cls, opts, step: int | None = None) -> None:
+        """Refuse options this method cannot train with: a UserError worded in flags, before anything is
+        built. `step`: the step to train (default opts.step). argparser.finalize calls it once for the
+        chosen method; the constructor calls it too, so a method built without the command line is
+        checked the same way. A subclass checks its own options after `super().validate(opts, step)`."""
+        step = getattr(opts, "step", 0) if step is None else step
+        if getattr(opts, "icarl", False) and getattr(opts, "unce", False):
+            raise UserError("--icarl (BCE classifier, LWF-MC) and --unce (unbiased cross-entropy, MiB) are "
+                            "alternative segmentation losses; drop one of them")
+        # icarl_replaces_segmentation and uses_invariance at this step
+        if step > 0 and opts.icarl and opts.icarl_disjoint and (opts.cd_factor > 0 or opts.cd_factor_icl > 0):
+            raise UserError("--icarl_disjoint replaces the segmentation loss with one that needs the old model's "
+                            "outputs on the same images, which the rotated half of --cd_factor/--cd_factor_icl "
+                            "does not have; drop --icarl_disjoint or the invariance terms")
+        check_regularizer_options(opts)
+
     def __init__(self, opts, step: int, classes: list[int]):
+        type(self).validate(opts, step)
         self.opts = opts
         self.step = step
         self.classes = list(classes)
@@ -117,10 +136,6 @@ class Method:
         self.regularizer = None
         # Symmetries are drawn from a seeded generator so runs are reproducible.
         self._symmetry_rng = torch.Generator().manual_seed(int(opts.random_seed) + 1000 * step)
-        if self.icarl_replaces_segmentation and self.uses_invariance:
-            raise UserError("--icarl_disjoint replaces the segmentation loss with one that needs the old model's "
-                            "outputs on the same images, which the rotated half of --cd_factor/--cd_factor_icl "
-                            "does not have; drop --icarl_disjoint or the invariance terms")
 
     @property
     def icarl_replaces_segmentation(self) -> bool:

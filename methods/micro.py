@@ -210,14 +210,18 @@ class MiCro(MiB):
                                        opts.micro_base_temperature, opts.micro_pool, opts.micro_normalize]
         return terms
 
-    def __init__(self, opts, step: int, classes: list[int]):
-        super().__init__(opts, step, classes)
+    @classmethod
+    def validate(cls, opts, step: int | None = None) -> None:
+        super().validate(opts, step)
         for flag in ("micro_pool", "micro_anchors"):
             if getattr(opts, flag) < 1:
                 raise UserError(f"--{flag} must be >= 1 (got {getattr(opts, flag)})")
         for flag in ("micro_tau", "micro_contrast_temperature", "micro_base_temperature"):
             if getattr(opts, flag) <= 0:
                 raise UserError(f"--{flag} must be positive (got {getattr(opts, flag)})")
+
+    def __init__(self, opts, step: int, classes: list[int]):
+        super().__init__(opts, step, classes)
         # Own stream (offset 500 from the symmetry generator's seed) so anchors are reproducible.
         self._anchor_rng = torch.Generator().manual_seed(int(opts.random_seed) + 1000 * step + 500)
 

@@ -51,6 +51,26 @@ def normalize(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor - low) / (high - low + NORMALIZE_EPS)
 
 
+def check_hyperparameters(importance=None, alpha=None, iterations=None) -> None:
+    """A UserError for a weight λ below 0, a running Fisher factor α outside [0, 1] or an RW interval K
+    below 1 (None: not checked). The messages name the options that set them, --reg_importance,
+    --reg_alpha and --reg_iterations: `check_options` runs it on the options before anything is built,
+    and every regulariser on its own arguments."""
+    if importance is not None and importance < 0:
+        raise UserError(f"--reg_importance must be >= 0, got {importance}; pass a non-negative weight")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise UserError(f"--reg_alpha must be in [0, 1], got {alpha}; it weights the newest squared gradient")
+    if iterations is not None and int(iterations) < 1:
+        raise UserError(f"--reg_iterations must be >= 1, got {iterations}; it is RW's score interval K")
+
+
+def check_options(opts) -> None:
+    """The regulariser's options when --regularizer is given (Method.validate); options the namespace
+    lacks are left to the regulariser's defaults."""
+    if getattr(opts, "regularizer", None):
+        check_hyperparameters(*(getattr(opts, f"reg_{key}", None) for key in ("importance", "alpha", "iterations")))
+
+
 class Regularizer:
     """Common machinery: previous state, penalty injection, gradient bookkeeping."""
 
@@ -71,12 +91,7 @@ class Regularizer:
         self.params: dict[str, torch.nn.Parameter] = dict(params)
         if not self.params:
             raise ValueError("a regulariser needs at least one trainable parameter")
-        if importance < 0:
-            raise UserError(f"--reg_importance must be >= 0, got {importance}; pass a non-negative weight")
-        if not 0.0 <= alpha <= 1.0:
-            raise UserError(f"--reg_alpha must be in [0, 1], got {alpha}; it weights the newest squared gradient")
-        if int(iterations) < 1:
-            raise UserError(f"--reg_iterations must be >= 1, got {iterations}; it is RW's score interval K")
+        check_hyperparameters(importance, alpha, iterations)
         self.importance = float(importance)
         self.alpha = float(alpha)
         self.normalize = bool(normalize)

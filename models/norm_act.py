@@ -216,12 +216,13 @@ if HAS_INPLACE_ABN:
     NORM_LAYER_TYPES = NORM_LAYER_TYPES + (_inplace_abn.ABN,)
 
 
-def _resolve_sync_group(process_group):
-    """The group to synchronise over, or None when there is nothing to synchronise with."""
+def sync_group():
+    """The group iabn_sync synchronises over: every process (WORLD) when a process group of more than one
+    process is initialised, else None (nothing to synchronise with). Decided here only: run.py just
+    initialises the process group first."""
     if not dist.is_available() or not dist.is_initialized():
         return None
-    group = dist.group.WORLD if process_group is None else process_group
-    return group if dist.get_world_size(group) > 1 else None
+    return dist.group.WORLD if dist.get_world_size() > 1 else None
 
 
 class NormAct:
@@ -231,15 +232,15 @@ class NormAct:
     "identity" is used for the last BN of a residual branch.
     """
 
-    def __init__(self, name, process_group=None, pure=None):
+    def __init__(self, name, pure=None):
         if name not in NORM_ACT_NAMES:
-            raise UserError(f"--norm_act {name!r} is unknown; use one of {', '.join(NORM_ACT_NAMES)}")
+            raise UserError(f"unknown norm_act {name!r}; use one of {', '.join(NORM_ACT_NAMES)}")
         self.name = name
         if pure is False and not HAS_INPLACE_ABN and name in ("iabn", "iabn_sync"):
-            raise UserError(f"--norm_act {name} with the inplace_abn implementation was requested but "
-                            "inplace_abn cannot be imported; install inplace-abn or unset the request")
+            raise UserError(f"norm_act {name} with the inplace_abn implementation (pure=False) was requested but "
+                            "inplace_abn cannot be imported; install inplace-abn or allow the pure-PyTorch one")
         self.pure = (pure_abn_forced() or not HAS_INPLACE_ABN) if pure is None else bool(pure)
-        self.group = _resolve_sync_group(process_group) if name == "iabn_sync" else None
+        self.group = sync_group() if name == "iabn_sync" else None
         self.activation = "relu" if name == "std" else "leaky_relu"
         self.activation_param = 0.0 if name == "std" else LEAKY_SLOPE
 
@@ -281,11 +282,11 @@ class NormAct:
         return f"NormAct({self.name!r}: {self.implementation})"
 
 
-def norm_act_factory(name, process_group=None, pure=None):
-    """Return the builder for `--norm_act name`.
+def norm_act_factory(name, pure=None):
+    """Return the builder for norm_act `name` (MiB's --norm_act).
 
-    iabn_sync synchronises over `process_group` (WORLD when None and a process group is
-    initialised); with no process group (or one process) it behaves as iabn. `pure` forces
-    (True) or forbids (False) the pure-PyTorch in-place ABN; None = MICRO_PURE_ABN or fallback.
+    iabn_sync synchronises over every process (`sync_group`) when a process group of more than one
+    process is initialised; otherwise it behaves as iabn. `pure` forces (True) or forbids (False) the
+    pure-PyTorch in-place ABN; None = MICRO_PURE_ABN or fallback.
     """
-    return NormAct(name, process_group=process_group, pure=pure)
+    return NormAct(name, pure=pure)

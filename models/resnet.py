@@ -76,7 +76,7 @@ class ResNet(nn.Module):
     def __init__(self, structure, bottleneck, norm_act, output_stride=16, in_channels=3):
         super().__init__()
         if output_stride not in STAGE_DILATIONS:
-            raise UserError(f"--output_stride {output_stride} is not supported; use one of "
+            raise UserError(f"output_stride {output_stride} is not supported; use one of "
                             f"{', '.join(map(str, sorted(STAGE_DILATIONS)))}")
         if int(in_channels) < 1:
             raise UserError(f"the input must have at least one band, got {in_channels}")
@@ -126,6 +126,6 @@ class ResNet(nn.Module):
 def resnet(name, norm_act, output_stride=16, in_channels=3):
     """Build an untrained ResNet by name (resnet18|34|50|101) for `in_channels` input bands."""
     if name not in ARCHITECTURES:
-        raise UserError(f"--backbone {name!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
+        raise UserError(f"unknown backbone {name!r}; use one of {', '.join(ARCHITECTURES)}")
     structure, bottleneck = ARCHITECTURES[name]
     return ResNet(structure, bottleneck, norm_act, output_stride=output_stride, in_channels=in_channels)

@@ -17,6 +17,11 @@ PRETRAINED_DIR = REPO_ROOT / "pretrained"
 _SAME_WEIGHTS = {"iabn": ("iabn", "iabn_sync"), "iabn_sync": ("iabn_sync", "iabn")}
 
 
+class WeightsError(UserError):
+    """ImageNet weights that cannot be used: missing, unreadable or made for another network. Starting from
+    random weights fixes it too; a caller that offers that adds it (`reworded`, utils/errors.py)."""
+
+
 def default_pretrained_path(backbone, norm_act):
     """MiB's file name: <repo>/pretrained/<backbone>_<norm_act>.pth.tar."""
     return PRETRAINED_DIR / f"{backbone}_{norm_act}.pth.tar"
@@ -28,8 +33,9 @@ def find_default_pretrained(backbone, norm_act):
     for path in candidates:
         if path.is_file():
             return path
-    raise UserError(f"ImageNet weights for --backbone {backbone} --norm_act {norm_act} not found: expected "
-                    f"{candidates[0]}; put them there (see pretrained/README.md) or pass --no_pretrained")
+    raise WeightsError("ImageNet weights for {backbone} {norm_act} not found: expected {path}; put them there "
+                       "(see pretrained/README.md)", backbone=backbone, norm_act=f"({norm_act})",
+                       path=candidates[0])
 
 
 def resolve_pretrained_path(path):
@@ -38,7 +44,7 @@ def resolve_pretrained_path(path):
     for candidate in (path, REPO_ROOT / path):
         if candidate.is_file():
             return candidate
-    raise UserError(f"pretrained weights {path} do not exist; give an existing file or pass --no_pretrained")
+    raise WeightsError(f"pretrained weights {path} do not exist; give an existing file")
 
 
 def read_state_dict(path):
@@ -50,16 +56,16 @@ def read_state_dict(path):
             # old checkpoints may pickle extra objects; the user put this file here on purpose
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any failure means an unreadable file
-        raise UserError(f"{path} cannot be read as a PyTorch checkpoint ({type(err).__name__}); "
-                        "replace the file or pass --no_pretrained") from None
+        raise WeightsError(f"{path} cannot be read as a PyTorch checkpoint ({type(err).__name__}); "
+                           "replace the file") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]
             break
     if not isinstance(checkpoint, dict) or not all(
             isinstance(k, str) and torch.is_tensor(v) for k, v in checkpoint.items()):
-        raise UserError(f"{path} does not hold a state dict of tensors; replace the file or pass --no_pretrained")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
+        raise WeightsError(f"{path} does not hold a state dict of tensors; replace the file")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
 def _is_torchvision_format(state_dict):
@@ -81,7 +87,8 @@ def inflate_first_conv(weight, in_channels, source_band=RED_BAND):
 
 
 def load_pretrained(body, path, backbone="the backbone"):
-    """Load ImageNet weights into `body`; any key or shape mismatch is a UserError naming the file.
+    """Load ImageNet weights into `body` (`backbone`: its name in messages); any key or shape mismatch is a
+    WeightsError naming the file.
 
     A body with more input bands than the weights (RGBIR) gets its first convolution inflated
     (`inflate_first_conv`)."""
@@ -104,8 +111,8 @@ def load_pretrained(body, path, backbone="the backbone"):
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
             if keys:
                 problems.append(f"{len(keys)} {what} (e.g. {keys[0]})")
-        raise UserError(f"{path} does not match {backbone}: {', '.join(problems)}; use weights made for this "
-                        "backbone (see pretrained/README.md) or pass --no_pretrained")
+        raise WeightsError("{path} does not match {backbone}: {problems}; use weights made for this backbone "
+                           "(see pretrained/README.md)", path=path, backbone=backbone, problems=", ".join(problems))
     body.load_state_dict(state, strict=True)
     return body
 
@@ -132,12 +139,12 @@ def convert_torchvision_state_dict(state_dict, arch, norm_act="iabn_sync", eps=B
     Returns (state_dict, number of clamped BN weights).
     """
     if arch not in ARCHITECTURES:
-        raise UserError(f"--arch {arch!r} is unknown; use one of {', '.join(ARCHITECTURES)}")
+        raise UserError(f"unknown arch {arch!r}; use one of {', '.join(ARCHITECTURES)}")
     if norm_act not in NORM_ACT_NAMES:
-        raise UserError(f"--norm_act {norm_act!r} is unknown; use one of {', '.join(NORM_ACT_NAMES)}")
+        raise UserError(f"unknown norm_act {norm_act!r}; use one of {', '.join(NORM_ACT_NAMES)}")
     converted, unknown = {}, []
     for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = key.removeprefix("module.")
         if key.startswith("fc."):
             continue  # ImageNet classifier
         for pattern, rename in _TORCHVISION_RULES:
@@ -162,6 +169,7 @@ def convert_torchvision_state_dict(state_dict, arch, norm_act="iabn_sync", eps=B
     wrong_shape = [k for k in converted if k in reference and converted[k].shape != reference[k].shape]
     if missing or extra or wrong_shape:
         example = (missing or extra or wrong_shape)[0]
-        raise UserError(f"the weights do not match --arch {arch}: {len(missing)} missing, {len(extra)} extra, "
-                        f"{len(wrong_shape)} wrong-shape keys (e.g. {example}); check --arch")
+        raise UserError("the weights do not match {arch}: {counts} (e.g. {example}); check {which}", arch=arch,
+                        counts=f"{len(missing)} missing, {len(extra)} extra, {len(wrong_shape)} wrong-shape keys",
+                        example=example, which="the architecture")
     return converted, clamped

@@ -14,12 +14,6 @@ def classifier_prefix(step):
     return f"cls.{step}."
 
 
-def is_classifier_param(name, step=None):
-    """Whether parameter `name` (a DDP `module.` prefix is ignored) belongs to a classifier (of `step`)."""
-    name = name[len("module."):] if name.startswith("module.") else name
-    return name.startswith(classifier_prefix(step) if step is not None else "cls.")
-
-
 class ModelOutput(NamedTuple):
     """What the segmentation model returns: the methods' contract with the model.
 
@@ -74,10 +68,6 @@ class IncrementalSegmentationModule(nn.Module):
         new.weight.copy_(background_weight.expand_as(new.weight))
         new.bias.copy_(shared_bias.expand_as(new.bias))
         self.cls[0].bias[0] = shared_bias
-
-    def classifier_param_names(self, step):
-        """Names of the parameters of the classifier added at `step`."""
-        return [name for name, _ in self.named_parameters() if is_classifier_param(name, step)]
 
     def freeze_body(self, include_head=False):
         """Stop training the backbone (and the head if asked); classifiers stay trainable."""

@@ -39,7 +39,11 @@ def main(argv=None):
     if not os.path.isfile(args.src):
         raise UserError(f"{args.src} does not exist; give the torchvision checkpoint to convert")
     norm_act = args.norm_act or _norm_act_from_name(args.dst, args.arch)
-    state, clamped = convert_torchvision_state_dict(read_state_dict(args.src), args.arch, norm_act)
+    source = read_state_dict(args.src)
+    try:
+        state, clamped = convert_torchvision_state_dict(source, args.arch, norm_act)
+    except UserError as err:
+        raise err.reworded(arch=f"--arch {args.arch}", which="--arch") from None
     dst = Path(args.dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")

@@ -9,6 +9,7 @@ import methods
 import run
 from methods import Method, SetupContext, StepContext
 from methods.common import reconstruct_labels
+from utils.errors import UserError
 
 TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "32", "--batch_size", "4", "--epochs", "1",
         "--num_workers", "0", "--norm_act", "std", "--print_interval", "1", "--debug"]
@@ -126,3 +127,46 @@ def test_divergence_hint_comes_from_the_method(regularizer):
     hint = trainer.divergence_hint()
     assert ("--reg_importance" in hint) == bool(regularizer)
     assert (hint == DIVERGENCE_HINT) == (not regularizer)
+
+
+class PickyMethod(Method):
+    """Test-only: refuses a value of a shared option in its own `validate` and records each call."""
+
+    name = "Picky"
+    summary = "test-only: its own option check"
+    calls: list = []  # the step of each validate call
+
+    @classmethod
+    def validate(cls, opts, step=None):
+        super().validate(opts, step)
+        cls.calls.append(opts.step if step is None else step)
+        if opts.alpha > 1:
+            raise UserError(f"--alpha {opts.alpha:g}: Picky needs a temperature factor of at most 1")
+
+
+def test_finalize_calls_the_methods_validate_and_its_error_reaches_the_user(data_root, tmp_path, monkeypatch,
+                                                                             capsys):
+    from argparser import parse_args
+    from tests.test_run import assert_user_error, run_args
+
+    monkeypatch.setitem(methods.METHODS, PickyMethod.name, PickyMethod)
+    PickyMethod.calls.clear()
+    parse_args(["--method", "picky", "--step", "1"])
+    assert PickyMethod.calls == [1]  # once, for the step to train
+    monkeypatch.setattr(run, "run_step", lambda *args: pytest.fail("the step started despite a refused option"))
+    assert_user_error(capsys, run_args(data_root, tmp_path, 0, method="Picky", extra=["--alpha", "2"]),
+                      "--alpha 2: Picky needs a temperature factor of at most 1")
+
+
+@pytest.mark.parametrize("method, extra, fragment", [
+    ("EWC", ["--reg_alpha", "2"], "--reg_alpha must be in [0, 1], got 2.0"),
+    ("RW", ["--reg_iterations", "0"], "--reg_iterations must be >= 1, got 0"),
+    ("MiCro", ["--micro_pool", "0"], "--micro_pool must be >= 1 (got 0)"),
+    ("LWF-MC", ["--step", "1", "--icarl_disjoint", "--cd_factor", "0.1"], "drop --icarl_disjoint or the invariance"),
+])
+def test_method_option_errors_come_before_anything_is_built(method, extra, fragment, data_root, tmp_path, capsys,
+                                                            monkeypatch):
+    from tests.test_run import assert_user_error, run_args
+
+    monkeypatch.setattr(run, "run_step", lambda *args: pytest.fail("the step started despite a refused option"))
+    assert_user_error(capsys, run_args(data_root, tmp_path, 0, method=method, extra=extra), fragment)

@@ -211,14 +211,14 @@ def test_four_band_model_forward_and_weight_inflation(tmp_path):
     assert logits.shape == (2, 3, 48, 48) and model.body.in_channels == 4
 
 
-def test_sample_strip_shows_rgb_of_a_four_band_image():
-    from utils.logger import sample_strip
+def test_sample_images_show_rgb_of_a_four_band_image():
+    from utils.logger import sample_images
 
     mean, std = [0.5, 0.5, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25]
     image = torch.zeros(1, 4, 2, 2)
     image[0, 3] = 10.0  # a bright infrared band must not leak into the picture
-    strip = sample_strip(image, torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), mean, std)
-    assert strip.shape == (2, 6, 3) and (strip[:, :2] == 128).all()
+    pixels = sample_images(image, mean, std)
+    assert pixels.shape == (1, 2, 2, 3) and (pixels == 128).all()
 
 
 # ---------------------------------------------------------------------------------------------- F1
@@ -383,6 +383,14 @@ def test_band_mismatch_is_one_line_and_writes_nothing(mibcd_chain, data_root, tm
     assert_user_error(capsys, mibcd_args(data_root, fresh, 0, extra=["--test", "--ckpt", four_band]),
                       "4-band", "3 bands")
     assert not fresh.exists()
+
+
+def test_band_mismatch_names_the_option_that_makes_the_bands(mibcd_chain, data_root, tmp_path, capsys):
+    out, _ = mibcd_chain
+    four_band = out / "ckpt" / "step" / "6s-potsdam_MiB_0.pth"
+    assert_user_error(capsys, mibcd_args(data_root, tmp_path / "out", 1, extra=["--step_ckpt", str(four_band)]),
+                      f"{four_band} was trained on 4-band images but potsdam under --data_root {data_root} (RGB) has "
+                      f"3 bands; use a checkpoint and a processed dataset with the same --channels")
 
 
 def test_rgb_checkpoint_on_rgbir_data_is_refused(rgbir_root, data_root, tmp_path, capsys):

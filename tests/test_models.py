@@ -15,7 +15,7 @@ import models
 import models.weights as weights
 from models import HAS_INPLACE_ABN, NORM_ACT_NAMES, build_backbone, norm_act_factory
 from models.norm_act import PureInPlaceABN
-from modules import DeeplabV3, IncrementalSegmentationModule, is_classifier_param, make_model
+from modules import DeeplabV3, IncrementalSegmentationModule, make_model
 from utils.errors import UserError
 
 torch.set_num_threads(1)
@@ -148,6 +148,34 @@ def test_missing_pretrained_file_names_the_path(tmp_path, monkeypatch):
     torch.save(build_backbone("resnet18", "iabn", pretrained=False).state_dict(),
                tmp_path / "resnet18_iabn_sync.pth.tar")
     assert isinstance(make_model(opts(no_pretrained=False, norm_act="iabn"), [3]), IncrementalSegmentationModule)
+
+
+def test_weight_errors_in_library_words_and_in_flags_from_make_model(tmp_path, monkeypatch):
+    """build_backbone names its parameters; make_model, which reads the options, names the flags."""
+    monkeypatch.setattr(weights, "PRETRAINED_DIR", tmp_path)
+    expected = tmp_path / "resnet18_std.pth.tar"
+    with pytest.raises(weights.WeightsError) as err:
+        build_backbone("resnet18", "std")
+    assert str(err.value) == (f"ImageNet weights for resnet18 (std) not found: expected {expected}; put them there "
+                              f"(see pretrained/README.md)")
+    with pytest.raises(UserError) as err:
+        make_model(opts(no_pretrained=False, norm_act="std"), [3])
+    assert str(err.value) == (f"ImageNet weights for --backbone resnet18 --norm_act std not found: expected "
+                              f"{expected}; put them there (see pretrained/README.md) or pass --no_pretrained")
+    wrong = tmp_path / "r34.pth"
+    torch.save(build_backbone("resnet34", "std", pretrained=False).state_dict(), wrong)
+    with pytest.raises(weights.WeightsError) as err:
+        build_backbone("resnet18", "std", pretrained=wrong)
+    assert str(err.value).startswith(f"{wrong} does not match resnet18: ") and "--" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        make_model(opts(no_pretrained=False, norm_act="std", pretrained=wrong), [3])
+    message = str(err.value)
+    assert message.startswith(f"{wrong} does not match --backbone resnet18: ")
+    assert message.endswith("; use weights made for this backbone (see pretrained/README.md) or pass --no_pretrained")
+    with pytest.raises(UserError) as err:
+        make_model(opts(no_pretrained=False, norm_act="std", pretrained=tmp_path / "none.pth"), [3])
+    assert str(err.value) == f"pretrained weights {tmp_path / 'none.pth'} do not exist; give an existing file or " \
+                             f"pass --no_pretrained"
 
 
 def test_wrong_or_torchvision_keys_are_user_errors_naming_the_file(tmp_path):
@@ -402,11 +430,8 @@ def test_init_new_classifier_preserves_old_background_probability():
     assert torch.allclose(p_new[:, 3], p_new[:, 0], atol=1e-5)  # shared equally
 
 
-def test_classifier_param_names_and_freeze_body():
+def test_freeze_body():
     model = tiny_model([3, 1, 1])
-    assert model.classifier_param_names(1) == ["cls.1.weight", "cls.1.bias"]
-    assert is_classifier_param("module.cls.2.bias", 2) and not is_classifier_param("cls.2.bias", 1)
-    assert is_classifier_param("cls.0.weight") and not is_classifier_param("head.weight")
     model.freeze_body()
     assert not any(p.requires_grad for p in model.body.parameters())
     assert all(p.requires_grad for p in model.head.parameters())

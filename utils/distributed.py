@@ -70,15 +70,19 @@ def local_world_size(world_size: int) -> int:
     return _env_int("LOCAL_WORLD_SIZE", None) or world_size
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def cpu_threads_per_process(processes_on_node: int, env=None) -> int:
     """Threads for one of `processes_on_node` CPU processes: the cores this process may use (its CPU
     affinity) shared out evenly, never more than OMP_NUM_THREADS when that is set."""
     env = os.environ if env is None else env
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    threads = max(1, cores // max(1, processes_on_node))
+    threads = max(1, available_cpus() // max(1, processes_on_node))
     limit = env.get("OMP_NUM_THREADS", "")
     if limit.isdigit() and int(limit) > 0:
         threads = min(threads, int(limit))
@@ -144,10 +148,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if _initialized() else 1
-
-
-def is_main() -> bool:
-    return get_rank() == 0
 
 
 def barrier() -> None:

@@ -1,4 +1,6 @@
 """User-facing errors: one clear line, exit code 2, no traceback; one rank speaks under a launcher."""
+from __future__ import annotations
+
 import functools
 import os
 import sys
@@ -11,7 +13,27 @@ OTHER_RANKS_DELAY_S = 20.0
 
 
 class UserError(Exception):
-    """Something the user can fix (a path, an option, the data, a missing previous step)."""
+    """Something the user can fix (a path, an option, the data, a missing previous step).
+
+    Who words what: the command-line layer (argparser.py, run.py, scripts/, and what reads the options
+    namespace itself: Method.validate, make_model) checks option values before anything is built and names
+    options by their flags; library code words its errors in its own terms (parameter names, files, data).
+    When the fix of a library error may also be an option, the library gives the words the command line
+    would change as named parts of a str.format template (every value in a part, so the template holds no
+    other braces): `UserError("{path} does not match {backbone}", path=p, backbone="resnet18")`. The
+    command line catches it and raises `err.reworded(backbone="--backbone resnet18", hint=" or pass ...")`:
+    the same sentence in its own words.
+    """
+
+    def __init__(self, message: str = "", **parts):
+        self.template, self.parts = message, parts
+        super().__init__(message.format(**parts) if parts else message)
+
+    def reworded(self, hint: str = "", **parts) -> UserError:
+        """The message with `parts` in place of the library's words of the same names (names it does not
+        use are ignored) and `hint` appended."""
+        text = self.template.format(**{**self.parts, **parts}) if self.parts else self.template
+        return UserError(text + hint)
 
 
 def exit_on_user_error(main):

@@ -11,13 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.checkpoint import run_tag
 from utils.metrics import format_table
-
-
-def log_dir(logdir_root, task: str, dataset: str, overlap: bool, name: str) -> Path:
-    """`<logdir_root>/<task>-<dataset>[-ov]/<name>`: the runs of one experiment (step<t>, task)."""
-    return Path(logdir_root) / run_tag(task, dataset, overlap) / name
 
 
 class Logger:
@@ -96,13 +90,6 @@ class Logger:
         # Indent by four spaces: TensorBoard renders text as markdown, this keeps the table monospaced.
         table = "\n".join("    " + line for line in format_table(results, names).splitlines())
         self.writer.add_text(f"{prefix}/table", table, step)
-
-    def add_samples(self, tag: str, images, labels, preds, mean, std, step: int) -> None:
-        """One picture of rows `image | label | prediction` (labels in the ISPRS palette; first 3 bands)."""
-        if not self.enabled or self._writer() is None:
-            return
-        strip = sample_strip(images, labels, preds, mean, std)
-        self.writer.add_image(clean_tag(tag), strip, step, dataformats="HWC")
 
     def add_prediction_figure(self, tag: str, images, labels, preds, mean, std, step: int, class_names) -> None:
         """The samples as a titled figure: columns image | ground truth | prediction, ISPRS legend below."""
@@ -246,20 +233,3 @@ def prediction_figure(columns, titles, class_names, legend_classes=None, ignore_
         fig.suptitle(title, fontsize=10, y=1 - 0.05 / total_h, va="top")
     fig.legend(handles=handles, loc="lower center", ncol=legend_cols, fontsize=8, frameon=False)
     return fig
-
-
-def figure_to_array(fig) -> np.ndarray:
-    """uint8 [H, W, 3] rendering of a figure made with an Agg canvas."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-def sample_strip(images, labels, preds, mean, std) -> np.ndarray:
-    """uint8 [N*H, 3*W, 3]: each row is de-normalised image | coloured label | coloured prediction.
-
-    images: [N,C,H,W] normalised as (x - mean) / std with x in [0, 1] (a mean above 1 means 0-255 scale).
-    """
-    rgb = sample_images(images, mean, std)
-    n, h, w, _ = rgb.shape
-    strip = np.concatenate([rgb, colour_maps(labels), colour_maps(preds)], axis=2)  # N,H,3W,3
-    return np.ascontiguousarray(strip.reshape(n * h, 3 * w, 3))

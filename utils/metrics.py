@@ -18,9 +18,6 @@ class SegmentationMetrics:
         self.device = torch.device(device)
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=self.device)
 
-    def reset(self) -> None:
-        self.confusion.zero_()
-
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """pred: class indices [B,H,W] or logits [B,C,H,W] (C <= num_classes); target: labels [B,H,W]."""

@@ -21,7 +21,7 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum:
     elif name == "adamw":
         cls, kwargs = torch.optim.AdamW, dict(lr=lr, weight_decay=weight_decay)
     else:
-        raise UserError(f"--optimizer {name!r} is unknown; use {' or '.join(OPTIMIZERS)}")
+        raise UserError(f"unknown optimizer {name!r}; use {' or '.join(OPTIMIZERS)}")
     supported = inspect.signature(cls).parameters
     if device is not None and torch.device(device).type == "cuda" and "fused" in supported:
         kwargs["fused"] = True

@@ -228,23 +228,3 @@ def read_results(csv_path) -> list[dict]:
         rows = [_row(k, record, class_names) for k, record in sorted(steps.items(), key=lambda kv: int(kv[0]))]
     return [{"step": int(r[0]), **{col: _parse(col, cell) for col, cell in zip(header[1:], r[1:])}} for r in rows]
 
-
-def summarize(csv_paths) -> str:
-    """Markdown table `method | step | old | new | all` over the given results CSVs (method = file name part)."""
-    lines = ["| method | step | old | new | all |", "|---|---|---|---|---|"]
-
-    def show(value) -> str:
-        return UNDEFINED if value is None else f"{value:.2f}"
-
-    for path in csv_paths:
-        # <dataset>_<task>[-ov]_<name>.csv: dataset and task hold no underscore, the name may.
-        parts = Path(path).stem.split("_", 2)
-        method = parts[2] if len(parts) == 3 else Path(path).stem
-        setting = f" ({parts[0]} {parts[1]})" if len(parts) == 3 else ""
-        for row in read_results(path):
-            marks = [m for m in (row.get("status") if row.get("status") not in (None, "ok") else None,
-                                 "debug" if row.get("debug") == "1" else None) if m]
-            note = f" ({', '.join(marks)})" if marks else ""
-            lines.append(f"| {method}{setting}{note} | {row['step']} | {show(row['miou_old'])} | "
-                         f"{show(row['miou_new'])} | {show(row['miou_all'])} |")
-    return "\n".join(lines)

@@ -46,7 +46,6 @@ def build_scheduler(name: str, optimizer, max_iters: int, power: float = 0.9, st
         return CosineAnnealingLR(optimizer, T_max=int(max_iters), eta_min=0.0)
     if name == "step":
         if not step_size or step_size <= 0:
-            raise UserError(f"--lr_policy step needs a positive step size in iterations (got {step_size}); "
-                            f"set --lr_decay_step")
+            raise UserError(f"the step schedule needs a positive step_size in iterations (got {step_size})")
         return StepLR(optimizer, step_size=int(step_size), gamma=gamma)
     raise UserError(f"--lr_policy {name!r} is unknown; use poly, step or cosine")
