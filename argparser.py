@@ -326,7 +326,10 @@ def _finalize_protocol(opts: argparse.Namespace) -> None:
         if mode not in (None, "overlap"):
             raise UserError(f"--overlap and --filter_mode {mode} contradict each other; give one of them")
         mode = "overlap"
-    opts.filter_mode = tasks.check_filter_mode(opts.dataset, opts.task, mode)
+    try:
+        opts.filter_mode = tasks.check_filter_mode(opts.dataset, opts.task, mode)
+    except UserError as err:
+        raise err.reworded(mode=f"--filter_mode {mode}") from None
     opts.overlap = opts.filter_mode == "overlap"
     opts.split_suffix = tasks.split_suffix(opts.dataset, opts.task, opts.filter_mode)
     fraction = getattr(opts, "val_fraction", None)

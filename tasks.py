@@ -112,8 +112,8 @@ def check_filter_mode(dataset, task, mode):
         known = mode in FILTER_MODES[other]
         what = (f"belongs to {'MiB-CD' if other == MIBCD else 'MiCro'}'s tasks "
                 f"({', '.join(_FAMILY_TASKS[other][dataset])})" if known else "is unknown")
-        raise UserError(f"--filter_mode {mode} {what}; task {task} ({'MiB-CD' if fam == MIBCD else 'MiCro'}'s "
-                        f"family) takes {' or '.join(modes)}")
+        raise UserError("{mode} {what}; task {task} ({family}'s family) takes {modes}", mode=f"filter mode {mode}",
+                        what=what, task=task, family="MiB-CD" if fam == MIBCD else "MiCro", modes=" or ".join(modes))
     return mode
 
 

@@ -76,7 +76,7 @@ def test_missing_and_unreadable_meta_json_messages(tmp_path):
     path = tmp_path / "vaihingen" / "meta.json"
     with pytest.raises(UserError) as err:
         load_meta(tmp_path, "vaihingen")
-    assert str(err.value) == (f"{path} not found: --data_root {tmp_path} holds no processed vaihingen; "
+    assert str(err.value) == (f"{path} not found: {tmp_path} holds no processed vaihingen; "
                               f"run `{command}` first")
     with pytest.raises(UserError) as err:
         regenerate_splits(tmp_path, "vaihingen")
@@ -87,7 +87,7 @@ def test_missing_and_unreadable_meta_json_messages(tmp_path):
         load_meta(tmp_path, "vaihingen")
     with pytest.raises(UserError, match=rf"^cannot read {path} \(.*\); process the dataset again$"):
         regenerate_splits(tmp_path, "vaihingen")
-    with pytest.raises(UserError, match="--dataset berlin: choose one of vaihingen, potsdam"):
+    with pytest.raises(UserError, match="unknown dataset 'berlin': choose one of vaihingen, potsdam"):
         load_meta(tmp_path, "berlin")
 
 

@@ -57,3 +57,16 @@ def test_unknown_choices_list_the_valid_ones():
         tasks.get_task_labels("vaihingen", "3-1s", -1)
     with pytest.raises(UserError, match="choose one of"):
         tasks.num_steps("vaihingen", "nope")
+
+
+def test_filter_mode_errors_in_library_words_and_in_flags_on_the_command_line():
+    from argparser import parse_args
+
+    with pytest.raises(UserError) as err:
+        tasks.check_filter_mode("potsdam", "4-1", "split")
+    library = str(err.value)
+    assert library.startswith("filter mode split belongs to MiB-CD's tasks") and "--" not in library
+    assert library.endswith("task 4-1 (MiCro's family) takes disjoint or overlap")
+    with pytest.raises(UserError) as err:
+        parse_args(["--dataset", "potsdam", "--task", "4-1", "--filter_mode", "split"])
+    assert str(err.value) == "--filter_mode split" + library[len("filter mode split"):]

@@ -45,8 +45,7 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = False) -> dic
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; train that step first or pass the right file with "
-                        f"--ckpt/--step_ckpt")
+        raise UserError(f"checkpoint {path} does not exist; train that step first or give the right file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:  # truncated file, not a torch file, pickle errors ...

@@ -99,10 +99,10 @@ def check_meta(meta, path, data_root, dataset) -> dict:
 def load_meta(data_root, dataset) -> dict:
     """meta.json of a processed dataset; a clear UserError when it is missing or unreadable."""
     if dataset not in DATASETS:
-        raise UserError(f"--dataset {dataset}: choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     path = meta_file(dataset_dir(data_root, dataset))
     command = process_command(data_root, dataset)
-    meta = read_meta(path, f"--data_root {data_root} holds no processed {dataset}; run `{command}` first",
+    meta = read_meta(path, f"{data_root} holds no processed {dataset}; run `{command}` first",
                      f"run `{command}` again")
     return check_meta(meta, path, data_root, dataset)
 
