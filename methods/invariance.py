@@ -27,13 +27,6 @@ def apply_symmetry(t: torch.Tensor, index: int) -> torch.Tensor:
     return out.flip(-1) if flipped else out
 
 
-def inverse_symmetry(t: torch.Tensor, index: int) -> torch.Tensor:
-    """T_index⁻¹: undo the mirror first, then rotate back."""
-    k, flipped = _check_index(index)
-    out = t.flip(-1) if flipped else t
-    return torch.rot90(out, -k, dims=(-2, -1)) if k else out
-
-
 def invariance_losses(
     pre_logits_all: torch.Tensor,
     old_pre_logits: torch.Tensor | None,

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import methods
-from methods.invariance import NUM_SYMMETRIES, apply_symmetry, invariance_losses, inverse_symmetry
+from methods.invariance import NUM_SYMMETRIES, apply_symmetry, invariance_losses
 from methods.mib_cd import MiBCD
 
 
@@ -103,7 +103,7 @@ def test_symmetries_match_numpy_reference():
         assert torch.equal(apply_symmetry(t, index), torch.from_numpy(expected.copy()))
 
 
-def test_rotations_have_order_four_and_inverse_undoes_every_symmetry():
+def test_rotations_have_order_four():
     t = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     for index in range(4):
         out = t
@@ -112,9 +112,6 @@ def test_rotations_have_order_four_and_inverse_undoes_every_symmetry():
         assert torch.equal(out, t)
         if index:
             assert not torch.equal(apply_symmetry(t, index), t)
-    for index in range(NUM_SYMMETRIES):
-        assert torch.equal(inverse_symmetry(apply_symmetry(t, index), index), t)
-        assert torch.equal(apply_symmetry(inverse_symmetry(t, index), index), t)
 
 
 def test_eight_symmetries_are_distinct_on_a_generic_tensor():
