@@ -110,6 +110,14 @@ class Method:
     def add_arguments(cls, parser) -> None:
         """Add method-specific flags to the parser (called for every registered method)."""
 
+    @staticmethod
+    def argument_group_once(parser, first_flag: str, title: str, description: str):
+        """A new argument group for a method's flags, or None when `first_flag` is already defined: every
+        registered method's add_arguments runs, and a subclass inherits its parent's."""
+        if first_flag in parser._option_string_actions:
+            return None
+        return parser.add_argument_group(title, description)
+
     @classmethod
     def validate(cls, opts, step: int | None = None) -> None:
         """Refuse options this method cannot train with: a UserError worded in flags, before anything is

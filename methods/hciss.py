@@ -50,9 +50,10 @@ class HCISS(Method):
 
     @classmethod
     def add_arguments(cls, parser) -> None:
-        if "--hciss_threshold" in parser._option_string_actions:  # already added (e.g. by a subclass)
+        group = cls.argument_group_once(parser, "--hciss_threshold", "HCISS",
+                                        "HCISS reconstruction (docs/methods.md#hciss-flags)")
+        if group is None:
             return
-        group = parser.add_argument_group("HCISS", "HCISS reconstruction (docs/methods.md#hciss-flags)")
         group.add_argument("--hciss_threshold", type=float, default=0.7,
                            help="old-model confidence needed to relabel a background pixel with its old class (0.7)")
         group.add_argument("--hciss_fgp", type=float, default=100.0,

@@ -177,9 +177,10 @@ class MiCro(MiB):
 
     @classmethod
     def add_arguments(cls, parser) -> None:
-        if "--micro_pool" in parser._option_string_actions:  # already added (e.g. by a subclass)
+        group = cls.argument_group_once(parser, "--micro_pool", "MiCro",
+                                        "MiCro reconstruction (docs/methods.md#micro-flags)")
+        if group is None:
             return
-        group = parser.add_argument_group("MiCro", "MiCro reconstruction (docs/methods.md#micro-flags)")
         group.add_argument("--micro_pool", type=int, default=2,
                            help="average-pooling factor applied to pre_logits before the MiCro losses (2); the "
                                 "CFRD cost grows as (batch·pixels/pool²)², so pool 1 costs ~16x pool 2")
