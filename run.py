@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 import tasks
 from argparser import default_lr, parse_args
-from dataset import BatchNormalize, data_protocol, get_datasets, load_meta
+from dataset import BatchNormalize, SeededSampler, data_protocol, get_datasets, load_meta
 from methods import SetupContext, get_method_class
 from models import norm_act_factory
 from modules import check_checkpoint_bands, classifier_prefix, make_model
@@ -33,6 +33,7 @@ from utils.checkpoint import (
     file_sha256,
     last_checkpoint_path,
     load_checkpoint,
+    loader_generator,
     non_finite_tensors,
     restore_rng_state,
     run_tag,
@@ -84,8 +85,8 @@ def default_num_workers(dist) -> int:
 
 
 def seed_worker(worker_id: int) -> None:
-    """numpy and random in a loader worker follow the worker's torch seed (set from the loader's
-    seeded generator), so augmentation is reproducible whichever RNG a transform uses."""
+    """numpy and random in a loader worker follow the worker's torch seed (set from the loader's seeded
+    generator). Training augmentation draws from torch seeded per item (dataset.SeededSampler) instead."""
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)  # noqa: NPY002 - transforms may draw from the global state
     random.seed(seed)
@@ -97,9 +98,10 @@ def make_loaders(opts, dist, train_set, val_set, test_set):
     Workers: --num_workers, or min(8, CPUs / processes); on CUDA pinned memory; workers persist
     across epochs; each worker keeps 4 batches in flight (items are cheap uint8 crops)."""
     pin = dist.device.type == "cuda"
-    generator = torch.Generator().manual_seed(opts.random_seed)
     workers = opts.num_workers if getattr(opts, "num_workers", None) is not None else default_num_workers(dist)
-    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    # Worker seeds only: what a training item looks like comes from SeededSampler's seeds, never from these.
+    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+                  generator=torch.Generator().manual_seed(opts.random_seed))
     if workers > 0:
         common.update(prefetch_factor=4, worker_init_fn=seed_worker)
 
@@ -112,15 +114,18 @@ def make_loaders(opts, dist, train_set, val_set, test_set):
 
     train_loader = None
     if train_set is not None:
-        sampler = (DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True, seed=opts.random_seed)
-                   if dist.distributed else RandomSampler(train_set, generator=generator))
+        # The training order and every item's augmentation follow the seed and the epoch alone (and the rank).
+        rank_seed = np.random.SeedSequence([opts.random_seed, dist.rank]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(rank_seed))
+        order = (DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True, seed=opts.random_seed)
+                 if dist.distributed else RandomSampler(train_set, generator=generator))
+        sampler = SeededSampler(order, generator)
         if len(train_set) < opts.batch_size * dist.world_size:
             raise UserError(
                 f"step {opts.step} has {len(train_set)} training crops, fewer than one batch "
                 f"({opts.batch_size} x {dist.world_size} processes); lower --batch_size"
             )
-        train_loader = DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler, drop_last=True,
-                                  generator=generator, **common)
+        train_loader = DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler, drop_last=True, **common)
     return train_loader, eval_loader(val_set), eval_loader(test_set)
 
 
@@ -542,7 +547,7 @@ class Resume:
     def save(self, epoch: int, iteration_in_epoch: int) -> None:
         """`epoch` epochs and `iteration_in_epoch` iterations of the next one are done."""
         check_finite_model(self.model, self.trainer)
-        generator = self.loader.generator
+        generator = loader_generator(self.loader)
         if iteration_in_epoch:  # replayed from the epoch start on resume
             loader_state = self.trainer.loader_state_at_epoch_start
         else:
@@ -592,7 +597,7 @@ class Resume:
         trainer.iteration = int(state["iteration"])
         mine = state["rng_per_rank"][self.dist.rank]
         if mine["loader"] is not None:
-            self.loader.generator.set_state(mine["loader"])
+            loader_generator(self.loader).set_state(mine["loader"])
         epoch, done = int(state["epoch"]), int(state["iteration_in_epoch"])
         self.logger.info(f"resuming from {self.path}: epoch {epoch + 1}, iteration {done + 1} "
                          f"(iteration {trainer.iteration} of the step); --no_resume starts over")

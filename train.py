@@ -12,7 +12,7 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from utils.checkpoint import restore_rng_state
+from utils.checkpoint import loader_generator, restore_rng_state
 from utils.distributed import all_reduce_sum, broadcast_buffers
 from utils.errors import UserError
 from utils.metrics import SegmentationMetrics
@@ -142,7 +142,7 @@ class Trainer:
         self._set_train_mode()
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        generator = getattr(loader, "generator", None)
+        generator = loader_generator(loader)
         self.loader_state_at_epoch_start = generator.get_state() if generator is not None else None
         epoch_sums: dict[str, torch.Tensor] = {}
         window_sums: dict[str, torch.Tensor] = {}

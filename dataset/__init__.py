@@ -9,12 +9,12 @@ from utils.colormap import CLASS_NAMES
 from utils.data_layout import dataset_dir, load_meta, meta_file, process_command, process_script
 from utils.errors import UserError
 
-from .incremental import IncrementalDataset, default_unseen, label_lut
+from .incremental import IncrementalDataset, SeededSampler, default_unseen, label_lut
 from .isprs import ISPRSCrops
 from .transforms import BatchNormalize, eval_transform, train_transform
 
 __all__ = ["get_datasets", "load_meta", "split_file", "data_protocol", "ISPRSCrops", "IncrementalDataset",
-           "label_lut", "default_unseen", "BatchNormalize"]
+           "label_lut", "default_unseen", "BatchNormalize", "SeededSampler"]
 
 CROSS_VAL_FRACTION = 0.2
 

@@ -14,7 +14,8 @@ MiB-CD's family (synthetic background 0, channel = 1 + position in the task orde
 Without masking (MiB's --no_mask) old classes keep their channel in train and val labels too.
 """
 import numpy as np
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Sampler
 
 import tasks
 from utils.colormap import IGNORE_INDEX
@@ -67,13 +68,48 @@ class IncrementalDataset(Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def __getitem__(self, item):
+        """item: a position, or (position, seed) from SeededSampler: then the transform's random draws come
+        from torch's generator seeded with `seed` for this item alone (the caller's state is put back)."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.base[int(self.indices[index])]
+        label = self.lut[label]
+        if self.transform is None:
+            return image, label
+        if seed is None:
+            return self.transform(image, label)
+        cpu_rng = torch.default_generator  # only the CPU generator: torch.manual_seed also visits accelerators
+        saved = cpu_rng.get_state()
+        try:
+            cpu_rng.manual_seed(seed)
+            return self.transform(image, label)
+        finally:
+            cpu_rng.set_state(saved)
+
     @property
     def names(self):
         return [self.base.names[i] for i in self.indices]
 
-    def __getitem__(self, index):
-        image, label = self.base[int(self.indices[index])]
-        label = self.lut[label]
-        if self.transform is not None:
-            image, label = self.transform(image, label)
-        return image, label
+
+class SeededSampler(Sampler):
+    """The positions of `sampler`, each paired with the seed of its augmentation: (position, seed).
+
+    The seeds are drawn in the main process from `generator` (the one RandomSampler shuffles with, or a
+    per-rank one beside DistributedSampler), so a training item's augmentation depends on the run's seed
+    and the epoch only: not on how many loader workers run, nor on workers restarted by a resume."""
+
+    def __init__(self, sampler, generator: torch.Generator):
+        self.sampler = sampler
+        self.generator = generator
+
+    def __iter__(self):
+        positions = list(self.sampler)
+        seeds = torch.randint(0, 2 ** 62, (len(positions),), generator=self.generator).tolist()
+        return iter(zip(positions, seeds))
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)

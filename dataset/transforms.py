@@ -1,7 +1,7 @@
 """Joint image/label transforms for segmentation; picklable, no torchvision.
 
-Image and label always get the same geometry. Random draws use torch's generator, which DataLoader
-seeds differently in every worker.
+Image and label always get the same geometry. Random draws use torch's global generator; for training
+items IncrementalDataset seeds it per item (dataset.SeededSampler), so workers do not matter.
 
 The data path keeps crops uint8 until the device: items are numpy uint8 (image H x W x C, label H x W),
 `RandomScaleCropFlipRotate` resamples only what lands in the crop, with the flips and rotations folded

@@ -14,6 +14,7 @@ from methods import losses
 from methods.invariance import NUM_SYMMETRIES, apply_symmetry, invariance_losses
 from methods.regularizers import check_options as check_regularizer_options
 from methods.regularizers import make_regularizer
+from utils.checkpoint import loader_generator
 from utils.errors import UserError
 
 
@@ -49,7 +50,7 @@ class SetupContext:
         global random state are put back afterwards, so training draws the same batches with or without
         a pre-pass."""
         device = self.dist.device if self.dist is not None else torch.device("cpu")
-        generator = getattr(self.train_loader, "generator", None)
+        generator = loader_generator(self.train_loader)
         saved = (generator.get_state() if generator is not None else None, torch.get_rng_state())
         try:
             for i, (images, labels) in enumerate(self.train_loader):

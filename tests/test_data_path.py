@@ -219,6 +219,30 @@ def test_default_num_workers_and_loader_settings(data_root, monkeypatch):
         parse_args(["--num_workers", "-1"])
 
 
+
+def test_training_batches_follow_the_seed_and_epoch_not_the_workers(data_root):
+    """SeededSampler: 0 or 2 workers, fresh or reused, give the same batches epoch after epoch, and
+    iterating in the main process leaves its global random state alone."""
+    one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False, backend=None)
+
+    def epochs(workers, n=2):
+        o = parse_args(["--data_root", str(data_root), "--crop_size", "32", "--batch_size", "2",
+                        "--num_workers", str(workers)])
+        loader, _, _ = run.make_loaders(o, one, *get_datasets(o))
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        batches = [[(images.clone(), labels.clone()) for images, labels in loader] for _ in range(n)]
+        if workers == 0:
+            assert torch.equal(torch.get_rng_state(), before)
+        return batches
+
+    without, with_workers = epochs(0), epochs(2)
+    assert not torch.equal(without[0][0][0], without[1][0][0])  # epochs differ
+    for a_epoch, b_epoch in zip(without, with_workers):
+        assert len(a_epoch) == len(b_epoch)
+        for (ia, la), (ib, lb) in zip(a_epoch, b_epoch):
+            assert torch.equal(ia, ib) and torch.equal(la, lb)
+
 # --------------------------------------------------------------------- GPU-ready model step
 def _trainer(data_root, tmp_path, method, extra=(), step=1):
     """A Trainer at step `step` of 4-1 on a tiny model whose weights depend only on the seed."""

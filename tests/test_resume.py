@@ -118,6 +118,23 @@ def test_sigkill_then_same_command_is_bit_identical(data_root, tmp_path, interva
     _assert_same_step(straight, killed)
 
 
+def test_sigkill_with_loader_workers_resumes_to_the_run_without_workers(data_root, tmp_path):
+    """Order and augmentation follow the seed and the epoch alone (dataset.SeededSampler): a run with 2
+    loader workers, killed mid-epoch and resumed with fresh workers, ends bit-identical to one without."""
+    extra = [*RESUME_EXTRA, "--ckpt_interval", "3"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run([sys.executable, "run.py", *run_args(data_root, straight, 0, extra=extra)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cmd = [sys.executable, "run.py", *run_args(data_root, killed, 0, extra=[*extra, "--num_workers", "2"])]
+    _kill_after_last_checkpoint(cmd, killed, appearances=2, max_delay=0.0)
+    assert torch.load(_last(killed), map_location="cpu", weights_only=False)["iteration_in_epoch"] == 6
+    resumed = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    _assert_same_step(straight, killed)
+
+
 def test_two_gloo_processes_resume_identically(data_root, tmp_path, free_port):
     """torchrun with 2 processes, killed after the first epoch's checkpoint and started again, ends with
     the weights of an uninterrupted 2-process run (each rank's RNG states restored)."""

@@ -133,6 +133,12 @@ def capture_rng_state() -> dict:
     return state
 
 
+def loader_generator(loader) -> torch.Generator | None:
+    """The generator that decides a training loader's order and augmentations (its sampler's; see
+    dataset.SeededSampler), whose state resume saves and restores; None for loaders without one."""
+    return getattr(loader.sampler, "generator", None)
+
+
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])  # noqa: NPY002
