@@ -1,45 +1,33 @@
-"""Incremental tasks per dataset, in two families with their own label convention (docs/data.md#tasks).
+"""Incremental tasks per dataset, declared in task files (docs/data.md#tasks), in two families with their own
+label convention.
 
-A task maps each step to the ISPRS classes it introduces (0 clutter, 1 impervious surfaces,
-2 building, 3 low vegetation, 4 tree, 5 car; utils/colormap.py). The family fixes what the
-model's channel 0 (background) is:
+A task file (JSON) maps each task name to its family and its steps, each step the list of the class names
+it introduces. The built-in datasets' tasks are shipped in the same format (utils/specs/*.tasks.json, named
+by each dataset spec); `load_task_file` adds a user's tasks to a dataset. Here every class is an index in
+the dataset's class list (ISPRS: 0 clutter, 1 impervious surfaces, 2 building, 3 low vegetation, 4 tree,
+5 car). The family fixes what the model's channel 0 (background) is:
 
-- MiCro's family (`TASKS`: 4-1, 3-1s, 2-1s, 1s, offline): clutter is the background class;
-  channel = position of the class in the task order (`get_order`).
-- MiB-CD's family (`MIBCD_TASKS`: 6s, 222a, 321, mibcd-offline): every ISPRS class, clutter
-  included, is learnable; channel 0 is a synthetic background that absorbs everything not (yet)
-  learned, then the classes follow in step order (channel = 1 + position).
+- MiCro's family (`micro`; ISPRS 4-1, 3-1s, 2-1s, 1s, offline): the first class of step 0 is the
+  background class (the dataset's "background", clutter for ISPRS); channel = position of the class in
+  the task order (`get_order`).
+- MiB-CD's family (`mibcd`; ISPRS 6s, 222a, 321, mibcd-offline): every class is learnable; channel 0 is a
+  synthetic background that absorbs everything not (yet) learned, then the classes follow in step order
+  (channel = 1 + position).
 
 The raw-class helpers (`get_task_labels`, `get_order`) never list the synthetic background;
 the channel helpers (`get_per_task_classes`, `channel_of`, `channel_names`) do.
 """
 import operator
+from pathlib import Path
 
 import numpy as np
 
-from utils.colormap import CLASS_NAMES
-from utils.data_layout import DATASETS
+from utils.dataset_spec import BUILTIN_DATASETS, SPEC_DIR, builtin_spec, read_task_file
 from utils.errors import UserError
 
 MICRO, MIBCD = "micro", "mibcd"
 BACKGROUND_CHANNEL = 0
 SYNTHETIC_BACKGROUND_NAME = "background"
-
-_ISPRS_TASKS = {
-    "offline": {0: [0, 1, 2, 3, 4, 5]},
-    "4-1": {0: [0, 1, 2, 3, 4], 1: [5]},
-    "3-1s": {0: [0, 1, 2, 3], 1: [4], 2: [5]},
-    "2-1s": {0: [0, 1, 2], 1: [3], 2: [4], 3: [5]},
-    "1s": {0: [0, 1], 1: [2], 2: [3], 3: [4], 4: [5]},
-}
-
-# MiB-CD (Arnaudo et al., ICIAP 2021): names and step order of its tasks.
-_MIBCD_TASKS = {
-    "mibcd-offline": {0: [0, 1, 2, 3, 4, 5]},
-    "6s": {0: [2], 1: [4], 2: [1], 3: [3], 4: [5], 5: [0]},  # building, tree, imp., low veg., car, clutter
-    "222a": {0: [1, 3], 1: [2, 4], 2: [5, 0]},
-    "321": {0: [2, 4, 0], 1: [1, 3], 2: [5]},
-}
 
 # Filter modes (which training crops a step uses) per family; the first is the family's default.
 # Value: suffix of the split folder `<task><suffix>/train-<step>.npy` (and of run tags).
@@ -48,15 +36,130 @@ FILTER_MODES = {
     MIBCD: {"split": "", "overlap": "-ov", "noov": "-noov"},
 }
 
-
-def _copy(task_dict):
-    return {task: {step: list(classes) for step, classes in steps.items()} for task, steps in task_dict.items()}
-
-
-# Same tasks for every dataset (utils/data_layout.py); separate dicts so adding a task to one leaves the others alone.
-TASKS = {dataset: _copy(_ISPRS_TASKS) for dataset in DATASETS}  # MiCro's family
-MIBCD_TASKS = {dataset: _copy(_MIBCD_TASKS) for dataset in DATASETS}  # MiB-CD's family
+DATASETS = BUILTIN_DATASETS  # the datasets known without a processed meta.json; others join by `register_dataset`
+TASKS = {}  # dataset -> {task: {step: [class indices]}} of MiCro's family
+MIBCD_TASKS = {}  # dataset -> the same of MiB-CD's family
 _FAMILY_TASKS = {MICRO: TASKS, MIBCD: MIBCD_TASKS}
+_CLASSES = {}  # dataset -> class names (index = processed label value)
+_BACKGROUND = {}  # dataset -> name of its background class (None: only MiB-CD's family; ANY_BACKGROUND: unchecked)
+ANY_BACKGROUND = ""  # a dataset known from meta.json alone: the first class of step 0 is the background
+_BUILTIN_TASKS = {}  # dataset -> names of the tasks of its shipped task file
+
+
+def register_dataset(dataset, classes, background=None):
+    """Make a dataset known by its classes (a processed meta.json's); its tasks come from task files."""
+    if dataset in _CLASSES:
+        if list(classes) != _CLASSES[dataset]:
+            raise UserError(f"dataset {dataset} has the classes {', '.join(_CLASSES[dataset])}, not "
+                            f"{', '.join(classes)}; process it again or choose another name")
+        return
+    _CLASSES[dataset] = list(classes)
+    _BACKGROUND[dataset] = background
+    TASKS[dataset], MIBCD_TASKS[dataset] = {}, {}
+
+
+def register_processed(data_root, dataset):
+    """Make a dataset processed under `data_root` known by its meta.json (built-in datasets already are)."""
+    if dataset not in _CLASSES:
+        from utils.data_layout import load_meta  # only for datasets that are not built in
+        register_dataset(dataset, load_meta(data_root, dataset)["classes"], ANY_BACKGROUND)
+
+
+def class_names(dataset):
+    """The dataset's class names; index = the class value of processed labels."""
+    _check_dataset(dataset)
+    return list(_CLASSES[dataset])
+
+
+def _task_error(source, task, message):
+    return UserError(f"{source}: task '{task}': {message}")
+
+
+def parse_tasks(content, dataset, source):
+    """{task: (family, {step: [class indices]})} of a task file's content, checked against the dataset's
+    classes; a UserError naming the file, the task and the problem otherwise."""
+    classes, background = _CLASSES[dataset], _BACKGROUND[dataset]
+    table = content.get("tasks") if isinstance(content, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise UserError(f'{source}: a task file is {{"tasks": {{"NAME": {{"family": "micro"|"mibcd", '
+                        f'"steps": [[class, ...], ...]}}}}}}')
+    parsed = {}
+    for task, entry in table.items():
+        if not isinstance(entry, dict) or entry.get("family") not in FILTER_MODES:
+            raise _task_error(source, task, f'give "family": {" or ".join(FILTER_MODES)}')
+        steps = entry.get("steps")
+        if not isinstance(steps, list) or not steps:
+            raise _task_error(source, task, '"steps" must be a non-empty list of steps (lists of class names)')
+        seen, indexed = {}, {}
+        for step, names in enumerate(steps):
+            if not isinstance(names, list) or not names:
+                raise _task_error(source, task, f"step {step} is empty; every step introduces at least one class")
+            for name in names:
+                if name not in classes:
+                    raise _task_error(source, task, f"step {step}: unknown class {name!r}; {dataset}'s classes "
+                                                    f"are {', '.join(classes)}")
+                if name in seen:
+                    raise _task_error(source, task, f"class {name!r} is in step {seen[name]} and step {step}; "
+                                                    f"a class is introduced once")
+                seen[name] = step
+            indexed[step] = [classes.index(name) for name in names]
+        if entry["family"] == MICRO:
+            if background is None:
+                raise _task_error(source, task, f"{dataset} has no background class, so MiCro's family does "
+                                                f'not apply; use "family": "mibcd" (synthetic background)')
+            if background != ANY_BACKGROUND and steps[0][0] != background:
+                raise _task_error(source, task, f"MiCro's family starts step 0 with the background class "
+                                                f"{background!r}")
+        extra = set(entry) - {"family", "steps", "description"}
+        if extra:
+            raise _task_error(source, task, f"unknown key(s) {', '.join(sorted(extra))}")
+        parsed[task] = (entry["family"], indexed)
+    return parsed
+
+
+def load_task_file(path, dataset):
+    """Add the tasks of a task file to `dataset`; returns their names. A task may not redefine one of the
+    dataset's shipped tasks (its split files are the shipped one's)."""
+    _check_dataset(dataset)
+    parsed = parse_tasks(read_task_file(path), dataset, str(path))
+    for task, (family_name, steps) in parsed.items():
+        known = _find(dataset, task)
+        if known is not None and (known[0] != family_name or known[1] != steps):
+            raise _task_error(path, task, f"{dataset} already has a task of that name with other steps; "
+                                          f"give yours another name")
+        for table in _FAMILY_TASKS.values():
+            table[dataset].pop(task, None)
+        _FAMILY_TASKS[family_name][dataset][task] = steps
+    return list(parsed)
+
+
+def _find(dataset, task):
+    for family_name, table in _FAMILY_TASKS.items():
+        if task in table[dataset]:
+            return family_name, table[dataset][task]
+    return None
+
+
+def _register_builtin(dataset):
+    spec = builtin_spec(dataset)
+    register_dataset(dataset, spec.classes, spec.background)
+    _BUILTIN_TASKS[dataset] = load_task_file(SPEC_DIR / spec.task_file, dataset)
+
+
+def builtin_task_file(dataset) -> Path:
+    """The shipped task file of a built-in dataset."""
+    return SPEC_DIR / builtin_spec(dataset).task_file
+
+
+def describe_tasks(dataset):
+    """One line per task: name, family and its steps as class names (`run.py --list_tasks`)."""
+    names = class_names(dataset)
+    lines = []
+    for task, (family_name, steps) in all_tasks(dataset).items():
+        shown = " | ".join(f"{s}: {', '.join(names[c] for c in steps[s])}" for s in sorted(steps))
+        lines.append(f"{task} ({'MiCro' if family_name == MICRO else 'MiB-CD'}'s family, {len(steps)} "
+                     f"step{'s' if len(steps) > 1 else ''}): {shown}")
+    return lines
 
 
 def task_names(dataset):
@@ -73,8 +176,9 @@ def all_tasks(dataset):
 
 
 def _check_dataset(dataset):
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset '{dataset}'; choose one of: {', '.join(sorted(DATASETS))}")
+    if dataset not in _CLASSES:
+        raise UserError(f"unknown dataset '{dataset}'; choose one of: {', '.join(sorted(_CLASSES))} (or process "
+                        f"your own from a dataset spec)")
 
 
 def _task(dataset, task):
@@ -87,7 +191,7 @@ def _task(dataset, task):
 
 
 def family(dataset, task):
-    """'micro' (clutter is the background) or 'mibcd' (synthetic background channel 0)."""
+    """'micro' (the first class is the background) or 'mibcd' (synthetic background channel 0)."""
     _task(dataset, task)
     return MIBCD if task in MIBCD_TASKS[dataset] else MICRO
 
@@ -141,13 +245,13 @@ def num_steps(dataset, task):
 
 
 def get_task_dict(dataset, task, step):
-    """{step: [ISPRS classes]} for steps 0..step."""
+    """{step: [classes]} for steps 0..step."""
     steps, step = _check_step(dataset, task, step)
     return {s: list(steps[s]) for s in range(step + 1)}
 
 
 def get_task_labels(dataset, task, step):
-    """(ISPRS classes introduced at `step`, ISPRS classes of all previous steps in task order)."""
+    """(classes introduced at `step`, classes of all previous steps in task order)."""
     steps, step = _check_step(dataset, task, step)
     previous = [c for s in range(step) for c in steps[s]]
     return list(steps[step]), previous
@@ -161,19 +265,19 @@ def get_per_task_classes(dataset, task, step):
 
 
 def get_order(dataset, task):
-    """All ISPRS classes of the task in step order (without the synthetic background)."""
+    """All classes of the task in step order (without the synthetic background)."""
     steps = _task(dataset, task)
     return [c for s in sorted(steps) for c in steps[s]]
 
 
 def channel_of(dataset, task):
-    """{ISPRS class: model channel} (MiCro: position in the order; MiB-CD: 1 + position)."""
+    """{class: model channel} (MiCro: position in the order; MiB-CD: 1 + position)."""
     offset = 1 if synthetic_background(dataset, task) else 0
     return {cls: offset + index for index, cls in enumerate(get_order(dataset, task))}
 
 
 def channel_to_class(dataset, task):
-    """uint8[256] lookup: model channel -> ISPRS class index (for the palette and whole-tile outputs);
+    """uint8[256] lookup: model channel -> class index (for the palette and whole-tile outputs);
     MiB-CD's synthetic background channel and 255 map to 255."""
     lut = np.full(256, 255, dtype=np.uint8)
     for cls, channel in channel_of(dataset, task).items():
@@ -183,5 +287,9 @@ def channel_to_class(dataset, task):
 
 def channel_names(dataset, task):
     """Name of every model channel of the task (MiB-CD: 'background' first)."""
-    names = [CLASS_NAMES[c] for c in get_order(dataset, task)]
+    names = [_CLASSES[dataset][c] for c in get_order(dataset, task)]
     return ([SYNTHETIC_BACKGROUND_NAME] + names) if synthetic_background(dataset, task) else names
+
+
+for _dataset in BUILTIN_DATASETS:  # the shipped datasets and their tasks, once at import
+    _register_builtin(_dataset)
