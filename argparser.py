@@ -109,10 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("data")
     g.add_argument("--data_root", default="data", help="folder holding <dataset>/ made by process_data/")
-    g.add_argument("--dataset", default="vaihingen", choices=list(tasks.DATASETS))  # the names of utils/data_layout.py
+    g.add_argument("--dataset", default="vaihingen",
+                   help=f"built in: {', '.join(tasks.DATASETS)}; or the name of a dataset of your own processed "
+                        f"from its spec into --data_root (docs/data.md#your-own-dataset)")
     g.add_argument("--task", default="4-1",
-                   help=f"incremental task of tasks.py: MiCro's {', '.join(tasks.TASKS['vaihingen'])} (clutter = "
-                        f"background) or MiB-CD's {', '.join(tasks.MIBCD_TASKS['potsdam'])} (synthetic background)")
+                   help=f"incremental task (--list_tasks): for ISPRS MiCro's {', '.join(tasks.TASKS['vaihingen'])} "
+                        f"(clutter = background) or MiB-CD's {', '.join(tasks.MIBCD_TASKS['potsdam'])} (synthetic "
+                        f"background)")
+    g.add_argument("--task_file", default=None,
+                   help="JSON task file adding tasks to the dataset's (docs/data.md#task-files)")
+    g.add_argument("--list_tasks", action="store_true", default=False,
+                   help="print every task of --dataset (and --task_file) with its steps, and exit")
     g.add_argument("--step", type=int, default=0, help="incremental step to train/test")
     g.add_argument("--overlap", "--overlapped", dest="overlap", action="store_true", default=False,
                    help="use the overlapped split instead of the disjoint one")
@@ -258,6 +265,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     opts = parser.parse_args(argv)
     explicit = _explicit_options(argv)
+    if opts.list_tasks:
+        tasks.prepare(opts.dataset, opts.data_root, opts.task_file)
+        print("\n".join(tasks.describe_tasks(opts.dataset)))
+        sys.exit(0)
     if opts.print_presets:
         print("method presets (each sets these options unless they are given on the command line):")
         print(format_presets([_method_class(opts.method).name] if "method" in explicit else None))
@@ -287,6 +298,7 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
         seed = getattr(opts, "random_seed", DEFAULT_SEED)
         # Runs of other seeds never share checkpoints, logs or results rows (docs/robustness.md).
         opts.name = opts.base_name if seed == DEFAULT_SEED else f"{opts.base_name}-s{seed}"
+    tasks.prepare(opts.dataset, opts.data_root, getattr(opts, "task_file", None))  # a processed or file's dataset/tasks
     try:
         tasks.get_task_dict(opts.dataset, opts.task, opts.step)  # UserError for unknown task / step
     except UserError as err:

@@ -65,6 +65,14 @@ def register_processed(data_root, dataset):
         register_dataset(dataset, load_meta(data_root, dataset)["classes"], ANY_BACKGROUND)
 
 
+def prepare(dataset, data_root=None, task_file=None):
+    """Make `dataset` (built in, or processed under `data_root`) and the tasks of `task_file` known; idempotent."""
+    if data_root is not None:
+        register_processed(data_root, dataset)
+    if task_file:
+        load_task_file(task_file, dataset)
+
+
 def class_names(dataset):
     """The dataset's class names; index = the class value of processed labels."""
     _check_dataset(dataset)

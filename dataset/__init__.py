@@ -1,12 +1,11 @@
-"""ISPRS crop datasets (utils/data_layout.py), the incremental wrapper (split files + label remapping), transforms."""
+"""Crop datasets (utils/data_layout.py), the incremental wrapper (split files + label remapping), transforms."""
 import sys
 
 import numpy as np
 
 import tasks
 from utils import data_layout
-from utils.colormap import CLASS_NAMES
-from utils.data_layout import dataset_dir, load_meta, meta_file, process_command, process_script
+from utils.data_layout import dataset_dir, load_meta, meta_file, process_command, process_script, splits_command
 from utils.errors import UserError
 
 from .incremental import IncrementalDataset, SeededSampler, default_unseen, label_lut
@@ -46,8 +45,8 @@ def data_protocol(opts):
             "val_fraction": val_fraction}
 
 
-def _load_split(path, n_train_crops, data_root, dataset):
-    regenerate = f"python {process_script(dataset)} --dst {data_root} --splits_only"
+def _load_split(path, n_train_crops, data_root, dataset, task_file=None):
+    regenerate = splits_command(data_root, dataset, task_file)
     if not path.is_file():
         raise UserError(f"split file {path} not found; regenerate the split files with `{regenerate}`")
     try:
@@ -74,6 +73,7 @@ def get_datasets(opts):
     makes a batch of them the float32 [N, C, H, W] normalised input, on the device.
     """
     data_root, dataset, task, step = opts.data_root, opts.dataset, opts.task, opts.step
+    tasks.prepare(dataset, data_root, getattr(opts, "task_file", None))
     protocol = data_protocol(opts)
     meta = load_meta(data_root, dataset)
     new_classes, _ = tasks.get_task_labels(dataset, task, step)  # validates task and step
@@ -81,9 +81,9 @@ def get_datasets(opts):
     path = split_file(data_root, dataset, task, step, protocol["filter_mode"])
     train_base = ISPRSCrops(data_root, dataset, "train", meta)
     test_base = ISPRSCrops(data_root, dataset, "test", meta)
-    indices = _load_split(path, len(train_base), data_root, dataset)
+    indices = _load_split(path, len(train_base), data_root, dataset, getattr(opts, "task_file", None))
     if len(indices) == 0:
-        names = ", ".join(CLASS_NAMES[c] for c in new_classes)
+        names = ", ".join(tasks.class_names(dataset)[c] for c in new_classes)
         raise UserError(f"step {step} of task {task} has no training crop ({path} is empty: no "
                         f"train crop of {dataset} contains {names}); process more tiles, lower "
                         f"--min_pixels with `python {process_script(dataset)} --dst "

@@ -2,9 +2,9 @@
 
 Remapping (docs/data.md#label-remapping-per-step) is a 256-entry lookup table applied to the whole label at once; the
 task's family (tasks.py) fixes the background channel 0 and the channel of every class.
-MiCro's family (clutter is the background, channel = position in the task order):
-- train: classes of the current step -> their channel; clutter, old and future classes -> 0;
-- val: current-step classes -> channel, clutter 0 kept; old and future classes -> 255;
+MiCro's family (the first class of step 0 is the background, ISPRS clutter; channel = position in the task order):
+- train: classes of the current step -> their channel; the background, old and future classes -> 0;
+- val: current-step classes -> channel, the background 0 kept; old and future classes -> 255;
 - test: every class seen up to this step -> channel; unseen (future) classes -> 255.
 MiB-CD's family (synthetic background 0, channel = 1 + position in the task order):
 - train and val: classes of the current step -> their channel; every other class -> 0;
@@ -22,7 +22,7 @@ from utils.colormap import IGNORE_INDEX
 
 MODES = ("train", "val", "test")
 UNSEEN_CONVENTIONS = ("background", "ignore")
-BACKGROUND = 0  # MiCro's background class (clutter) and the background channel of both families
+BACKGROUND = 0  # the background channel of both families (MiCro's: that of the task's first class)
 
 
 def default_unseen(dataset, task):
@@ -45,7 +45,8 @@ def label_lut(dataset, task, step, mode, unseen=None, masking=True):
     if mode == "train" or (mode == "val" and synthetic):
         lut[list(channel)] = BACKGROUND  # background, old and future classes all become background
     elif mode == "val":
-        lut[BACKGROUND] = channel[BACKGROUND]
+        background = tasks.get_order(dataset, task)[0]
+        lut[background] = channel[background]
     else:
         if unseen == "background":
             lut[list(channel)] = BACKGROUND

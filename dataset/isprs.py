@@ -1,4 +1,4 @@
-"""Processed ISPRS crops (layout and meta.json: utils/data_layout.py): the crop store (`<split>/images.npy`,
+"""Processed crops (layout and meta.json: utils/data_layout.py): the crop store (`<split>/images.npy`,
 `labels.npy`, memory-mapped), or the PNG crops `<split>/{images,labels}/*.png` of folders processed before
 the store existed."""
 import sys
@@ -9,7 +9,6 @@ from torch.utils.data import Dataset
 
 from utils.crop_store import KINDS, STORE_VERSION, open_store_array, store_file
 from utils.data_layout import (
-    LABEL_VALUES,
     SPLITS,
     convert_command,
     dataset_dir,
@@ -19,10 +18,6 @@ from utils.data_layout import (
     process_command,
 )
 from utils.errors import UserError
-
-KNOWN_LABEL = np.zeros(256, dtype=bool)  # indexed by a label value: does a processed label hold it
-KNOWN_LABEL[list(LABEL_VALUES)] = True
-
 
 _hinted = set()
 
@@ -52,6 +47,8 @@ class ISPRSCrops(Dataset):
         self.names = list(self.meta[split]["crops"])
         self.num_channels = int(self.meta["num_channels"])
         self.crop_size = int(self.meta["crop_size"])
+        self.known_label = np.zeros(256, dtype=bool)  # indexed by a label value: may a processed label hold it
+        self.known_label[list(self.meta["count_columns"])] = True
         store = self.meta.get("store")
         self.uses_store = store is not None
         self._arrays = None
@@ -94,7 +91,7 @@ class ISPRSCrops(Dataset):
         return len(self.names)
 
     def class_pixels(self):
-        """[n_crops, 7] pixels per class 0..5 and 255 (meta.json's counts)."""
+        """[n_crops, K + 1] pixels per class 0..K-1 and 255 (meta.json's counts)."""
         return np.asarray(self.meta[self.split]["class_pixels"], dtype=np.int64)
 
     def _read(self, path, channels):
@@ -125,8 +122,9 @@ class ISPRSCrops(Dataset):
                             f"{image.shape[1]}x{image.shape[0]}; run "
                             f"`{process_command(self.data_root, self.dataset)}` "
                             f"again")
-        if not KNOWN_LABEL[label].all():
-            unknown = sorted(set(np.unique(label[~KNOWN_LABEL[label]]).tolist()))
-            raise UserError(f"{label_path} holds label value(s) {unknown[:5]} that are no ISPRS class "
-                            f"(0-5, 255 ignored); run `{process_command(self.data_root, self.dataset)}` again")
+        if not self.known_label[label].all():
+            unknown = sorted(set(np.unique(label[~self.known_label[label]]).tolist()))
+            last = len(self.meta["classes"]) - 1
+            raise UserError(f"{label_path} holds label value(s) {unknown[:5]} that are no class of {self.dataset} "
+                            f"(0-{last}, 255 ignored); run `{process_command(self.data_root, self.dataset)}` again")
         return image, label

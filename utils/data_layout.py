@@ -1,4 +1,4 @@
-"""The on-disk contract of a processed ISPRS dataset, shared by its writer (process_data/) and its reader (dataset/).
+"""The on-disk contract of a processed dataset, shared by its writer (process_data/) and its reader (dataset/).
 
 It owns the dataset names, the meta.json format version, the folder layout (docs/data.md#processed-layout),
 the validated reading and the atomic writing of meta.json and of split files, and the commands that
@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from utils.atomic_files import atomic_write
-from utils.colormap import CLASS_NAMES, IGNORE_INDEX
+from utils.dataset_spec import BUILTIN_DATASETS
 from utils.errors import UserError
 
-DATASETS = ("vaihingen", "potsdam")
+# The built-in datasets (utils/specs/); any other folder name under a data root holding a meta.json
+# processed from a dataset spec is a dataset too.
+DATASETS = BUILTIN_DATASETS
 META_VERSION = 1
 SPLITS = ("train", "test")
-# Values a processed label holds: the six ISPRS classes and 255 (ignored); also the columns of the
-# per-crop pixel counts `class_pixels` (meta["count_columns"]).
-LABEL_VALUES = (*range(len(CLASS_NAMES)), IGNORE_INDEX)
+GENERIC_SCRIPT = "process_data/process_dataset.py"
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -57,12 +57,21 @@ def png_dir(folder, split: str, kind: str) -> Path:
 
 # ------------------------------------------------------------------- commands that (re)make the data
 def process_script(dataset) -> str:
-    return f"process_data/data_process_{dataset}.py"
+    """The processing command of a dataset without its data options (a dataset of your own: from its spec)."""
+    if dataset in DATASETS:
+        return f"process_data/data_process_{dataset}.py"
+    return f"{GENERIC_SCRIPT} --spec SPEC"
 
 
 def process_command(data_root, dataset) -> str:
     """Processing the raw archives again into `data_root`."""
     return f"python {process_script(dataset)} --src RAW --dst {data_root}"
+
+
+def splits_command(data_root, dataset, task_file=None) -> str:
+    """Rewriting the split files (of the dataset's tasks and those of `task_file`) from meta.json."""
+    extra = f" --task_file {task_file}" if task_file else ""
+    return f"python {process_script(dataset)} --dst {data_root} --splits_only{extra}"
 
 
 def convert_command(data_root, dataset) -> str:
@@ -98,9 +107,11 @@ def check_meta(meta, path, data_root, dataset) -> dict:
 
 def load_meta(data_root, dataset) -> dict:
     """meta.json of a processed dataset; a clear UserError when it is missing or unreadable."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     path = meta_file(dataset_dir(data_root, dataset))
+    if dataset not in DATASETS and not path.is_file():
+        raise UserError(f"unknown dataset {dataset!r}: neither built in ({', '.join(DATASETS)}) nor processed "
+                        f"in {data_root}; process a dataset of your own first with `python {GENERIC_SCRIPT} "
+                        f"--spec SPEC --src RAW --dst {data_root}`")
     command = process_command(data_root, dataset)
     meta = read_meta(path, f"{data_root} holds no processed {dataset}; run `{command}` first",
                      f"run `{command}` again")
