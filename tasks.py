@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.dataset_spec import BUILTIN_DATASETS, SPEC_DIR, builtin_spec, read_task_file
+from utils.dataset_spec import BUILTIN_DATASETS, NAME, SPEC_DIR, builtin_spec, read_task_file
 from utils.errors import UserError
 
 MICRO, MIBCD = "micro", "mibcd"
@@ -93,6 +93,9 @@ def parse_tasks(content, dataset, source):
                         f'"steps": [[class, ...], ...]}}}}}}')
     parsed = {}
     for task, entry in table.items():
+        if not NAME.match(task):
+            raise _task_error(source, task, "a task name is letters, digits, . + - (no _ or /: it names folders "
+                                            "and results files)")
         if not isinstance(entry, dict) or entry.get("family") not in FILTER_MODES:
             raise _task_error(source, task, f'give "family": {" or ".join(FILTER_MODES)}')
         steps = entry.get("steps")

@@ -1,6 +1,6 @@
 """Convert a dataset processed into PNG crops (before the crop store existed) into the crop store.
 
-    python process_data/make_crop_store.py --data_root DATA_ROOT --dataset vaihingen|potsdam [--remove_png]
+    python process_data/make_crop_store.py --data_root DATA_ROOT --dataset NAME [--remove_png]
 
 Reads `DATA_ROOT/<dataset>/{train,test}/{images,labels}/*.png` in meta.json's order and writes
 `{train,test}/{images,labels}.npy`; meta.json gains its `store` entry only once both splits are
@@ -16,7 +16,6 @@ from PIL import Image
 
 from utils.crop_store import KINDS, NpyAppender, store_file, store_meta
 from utils.data_layout import (
-    DATASETS,
     SPLITS,
     dataset_dir,
     load_meta,
@@ -82,7 +81,7 @@ def convert(data_root, dataset, remove_png=False, progress=True):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert PNG crops of a processed dataset into the crop store.")
     parser.add_argument("--data_root", required=True, help="the --dst the dataset was processed into")
-    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--dataset", required=True, help="the processed dataset's name (its folder in --data_root)")
     parser.add_argument("--remove_png", action="store_true", help="delete the PNG crops afterwards")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

@@ -56,7 +56,7 @@ def _write_loveda(dst, seed, tile_size, n_train, n_test):
     num_classes = len(builtin_spec("loveda").classes)
     written = []
     for split, count in (("Train", n_train), ("Val", n_test), ("Test", 1)):
-        for d, domain in enumerate(("Urban", "Rural")):
+        for domain in ("Urban", "Rural"):
             for k in range(count):
                 tile_id = LOVEDA_FIRST_ID[split, domain] + k
                 rng = np.random.default_rng([seed, 0, tile_id])

@@ -35,7 +35,7 @@ from utils.results import read_results, results_path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Options the campaign sets per run: not allowed among the extra run.py options.
-CAMPAIGN_OPTIONS = ("--data_root", "--dataset", "--task", "--step", "--method", "--random_seed",
+CAMPAIGN_OPTIONS = ("--data_root", "--dataset", "--task", "--task_file", "--step", "--method", "--random_seed",
                     "--step_ckpt", "--test", "--ckpt", "--local_rank", "--local-rank")
 # Options that do not change what a step trains and tests (paths, logging, launch, resumption):
 # a finished step whose other options match is done whatever these were.
@@ -86,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Everything after `--` goes to every run.py call (e.g. --batch_size 12 --epochs 40 "
                "--checkpoint_dir ckpt --results_dir res). See docs/campaign.md.")
     parser.add_argument("--data_root", default="data", help="processed data root (default: data)")
-    parser.add_argument("--datasets", nargs="+", default=["vaihingen"], choices=sorted(DATASETS),
-                        help="datasets (default: vaihingen)")
+    parser.add_argument("--datasets", nargs="+", default=["vaihingen"],
+                        help=f"datasets: built in {', '.join(sorted(DATASETS))}, or processed from a spec "
+                             f"into --data_root (default: vaihingen)")
     parser.add_argument("--tasks", nargs="+", default=["4-1", "3-1s", "2-1s", "1s"],
-                        help="tasks of tasks.py (default: 4-1 3-1s 2-1s 1s)")
+                        help="tasks of the datasets or of --task_file (default: 4-1 3-1s 2-1s 1s)")
+    parser.add_argument("--task_file", default=None, help="JSON task file, passed to every run (run.py --task_file)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="methods (default: all registered)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[DEFAULT_SEED],
                         help=f"--random_seed of the runs (default: {DEFAULT_SEED}); names get -s<seed> "
@@ -166,6 +168,7 @@ class Campaign:
         if opts.name and split_seed(opts.name)[0] != opts.name:
             raise UserError(f"--name {opts.name} ends like a seed suffix (-s<digits>); choose another name")
         for dataset in opts.datasets:
+            tasks.prepare(dataset, opts.data_root, opts.task_file)  # UserError for an unknown dataset or bad file
             for task in opts.tasks:
                 tasks.num_steps(dataset, task)  # UserError for an unknown task
         if opts.nproc < 1:
@@ -186,6 +189,8 @@ class Campaign:
                 "--method", method, "--name", passed, "--random_seed", str(seed)]
         if split == "overlap":
             args.append("--overlap")
+        if self.opts.task_file:
+            args += ["--task_file", self.opts.task_file]
         if step_ckpt:
             args += ["--step_ckpt", step_ckpt]
         return args + self.extra

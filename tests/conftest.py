@@ -1,9 +1,11 @@
-"""Shared fixtures: small synthetic ISPRS raw archives and their processed crops (session scoped)."""
+"""Shared fixtures: small synthetic raw archives (ISPRS, LoveDA, OpenEarthMap) and their processed crops
+(session scoped)."""
 import socket
 
 import numpy as np
 import pytest
 
+from process_data import make_synthetic_landcover
 from process_data.isprs_processing import POTSDAM, VAIHINGEN, process_dataset
 from process_data.make_synthetic_isprs import generate
 
@@ -12,6 +14,9 @@ from process_data.make_synthetic_isprs import generate
 RAW_SIZES = {"vaihingen": dict(tile_size=180, n_train=3, n_test=2, object_scale=1.0),
              "potsdam": dict(tile_size=192, n_train=3, n_test=2, object_scale=1.0)}
 FIXTURE_CROP = 64
+# LoveDA: per domain (Urban, Rural); 128 px tiles = 4 crops each.
+LANDCOVER_SIZES = {"loveda": dict(tile_size=128, n_train=2, n_test=1),
+                   "openearthmap": dict(tile_size=128, n_train=3, n_test=2)}
 
 
 @pytest.fixture(scope="session")
@@ -20,18 +25,20 @@ def raw_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")
     for dataset, sizes in RAW_SIZES.items():
         generate(dataset, root, seed=0, **sizes)
+    for dataset, sizes in LANDCOVER_SIZES.items():
+        make_synthetic_landcover.generate(dataset, root, seed=0, **sizes)
     return root
 
 
 @pytest.fixture(scope="session")
 def data_root(raw_root, tmp_path_factory):
-    """Data root with both datasets processed at crop 64 / stride 64 (a few dozen crops each), as the
-    crop store plus PNG previews (so tests can compare the two).
+    """Data root with the four built-in datasets processed at crop 64 / stride 64 (a few dozen crops each), as
+    the crop store plus PNG previews (so tests can compare the two).
 
     Shared by the whole session: treat it as read-only (copy it to change anything).
     """
     root = tmp_path_factory.mktemp("data")
-    for layout in (VAIHINGEN, POTSDAM):
+    for layout in (VAIHINGEN, POTSDAM, *LANDCOVER_SIZES):
         process_dataset(layout, raw_root, root, crop_size=FIXTURE_CROP, stride=FIXTURE_CROP,
                         seed=42, progress=False, png=True)
     return root

@@ -1,6 +1,7 @@
 """utils/data_layout.py: the writer (process_data/) and the reader (dataset/) of a processed dataset agree
 through it: names, meta.json format and version, folder layout, split files."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,13 +9,15 @@ import pytest
 import argparser
 import tasks
 from dataset import load_meta, split_file
-from process_data import make_crop_store, make_synthetic_isprs
-from process_data.isprs_processing import LAYOUTS, regenerate_splits
+from process_data import make_synthetic_isprs, make_synthetic_landcover
+from process_data.isprs_processing import ISPRS_DATASETS, LAYOUTS, regenerate_splits
 from scripts import campaign
 from utils import data_layout
 from utils.crop_store import KINDS, store_file
 from utils.data_layout import DATASETS, META_VERSION, dataset_dir, meta_file
 from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_processed_meta_json_is_what_the_reader_reads(data_root, tmp_path):
@@ -87,21 +90,23 @@ def test_missing_and_unreadable_meta_json_messages(tmp_path):
         load_meta(tmp_path, "vaihingen")
     with pytest.raises(UserError, match=rf"^cannot read {path} \(.*\); process the dataset again$"):
         regenerate_splits(tmp_path, "vaihingen")
-    with pytest.raises(UserError, match="unknown dataset 'berlin': choose one of vaihingen, potsdam"):
+    with pytest.raises(UserError, match=r"^unknown dataset 'berlin': neither built in \(vaihingen, potsdam, loveda, "
+                                        r"openearthmap\) nor processed in .*; process a dataset of your own first "
+                                        r"with `python process_data/process_dataset.py --spec SPEC"):
         load_meta(tmp_path, "berlin")
 
 
-def _choices(parser, dest):
-    return next(action.choices for action in parser._actions if action.dest == dest)
-
-
 def test_every_list_of_datasets_is_the_owners(capsys):
-    assert tuple(tasks.TASKS) == tuple(tasks.MIBCD_TASKS) == DATASETS
-    assert set(LAYOUTS) == set(make_synthetic_isprs.STYLES) == set(DATASETS)
-    assert tuple(_choices(argparser.build_parser(), "dataset")) == DATASETS
-    assert tuple(_choices(campaign.build_parser(), "datasets")) == tuple(sorted(DATASETS))
-    for main, shown in ((make_crop_store.main, ",".join(DATASETS)),
-                        (make_synthetic_isprs.main, ",".join((*DATASETS, "both")))):
+    assert tuple(tasks.TASKS)[:len(DATASETS)] == tuple(tasks.MIBCD_TASKS)[:len(DATASETS)] == DATASETS
+    assert set(LAYOUTS) == set(make_synthetic_isprs.STYLES) == set(ISPRS_DATASETS)
+    assert set(ISPRS_DATASETS) | set(make_synthetic_landcover.DATASETS) == set(DATASETS)
+    assert {p.stem for p in (ROOT / "utils" / "specs").glob("*.json")} == \
+        {*DATASETS, *(f"{name}.tasks" for name in ("isprs", "loveda", "openearthmap"))}
+    for parser, dest in ((argparser.build_parser(), "dataset"), (campaign.build_parser(), "datasets")):
+        help_text = next(a.help for a in parser._actions if a.dest == dest)
+        assert all(name in help_text for name in DATASETS)  # any processed name is allowed; the help names these
+    for main, shown in ((make_synthetic_isprs.main, ",".join((*ISPRS_DATASETS, "both"))),
+                        (make_synthetic_landcover.main, ",".join((*make_synthetic_landcover.DATASETS, "both")))):
         with pytest.raises(SystemExit):
             main(["--help"])
         assert f"{{{shown}}}" in capsys.readouterr().out

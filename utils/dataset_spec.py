@@ -23,7 +23,8 @@ DEFAULT_VARIANT = "complete"  # name of the label variant when the spec gives on
 _KEYS = {"name", "description", "classes", "background", "palette", "labels", "channels", "default_channels",
          "images", "label_files", "train_labels", "test_labels", "splits", "crop_size", "stride", "tasks"}
 _SOURCE_KEYS = {"images", "label_files", "tiles", "list", "name"}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# dataset and task names are folder names and parts of results file names (<dataset>_<task>_<name>.csv): no _
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
 
 
 def builtin_spec_file(name) -> Path:
@@ -69,8 +70,8 @@ class DatasetSpec:
                 _fail(where, f'"{key}" is missing')
         self.where = where
         self.name = raw["name"]
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
-            _fail(where, f'"name" {self.name!r} must be a folder name (letters, digits, _ . -)')
+        if not isinstance(self.name, str) or not NAME.match(self.name):
+            _fail(where, f'"name" {self.name!r} must be letters, digits, . + - (a folder name without _)')
         self.classes = list(raw["classes"])
         if not self.classes or not all(isinstance(c, str) and c for c in self.classes) or \
                 len(set(self.classes)) != len(self.classes) or len(self.classes) > 254:
