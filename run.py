@@ -40,7 +40,6 @@ from utils.checkpoint import (
     save_checkpoint,
     tensor_bytes,
 )
-from utils.colormap import CLASS_NAMES
 from utils.distributed import (
     DistributedEvalSampler,
     all_gather_object,
@@ -253,7 +252,8 @@ def test_and_report(model, opts, dist, test_loader, classes, logger, meta, recor
             images, labels, preds = samples
             to_class = torch.from_numpy(tasks.channel_to_class(opts.dataset, opts.task)).long()  # for the palette
             logger.add_prediction_figure("test/predictions", images, to_class[labels], to_class[preds],
-                                         meta["mean"], meta["std"], opts.step, CLASS_NAMES)
+                                         meta["mean"], meta["std"], opts.step, tasks.class_names(opts.dataset),
+                                         meta.get("palette"))
         protocol = results["protocol"]
         logger.info(f"test of step {opts.step} ({task_tag(opts)}, {opts.name}; {protocol['test_crops']} test crops, "
                     f"unseen classes -> {protocol['test_unseen']}):\n{format_table(results, names)}")

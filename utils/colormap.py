@@ -1,4 +1,5 @@
-"""ISPRS class names and colours (docs/data.md#classes-and-colours): colour label images <-> class index maps."""
+"""ISPRS class names and colours (docs/data.md#classes-and-colours): colour label images <-> class index maps;
+colour images of any dataset's index maps (its palette: its spec's, utils/dataset_spec.py)."""
 import numpy as np
 
 CLASS_NAMES = ("clutter", "impervious surfaces", "building", "low vegetation", "tree", "car")
@@ -54,10 +55,16 @@ def count_off_palette(rgb):
     return int(np.count_nonzero(((rgb != 0) & (rgb != 255)).any(axis=-1)))
 
 
-def colorize(label):
-    """Class index map (H, W) -> ISPRS colour image (H, W, 3 uint8); 255 and unknown -> black."""
+def colorize(label, palette=None):
+    """Class index map (H, W) -> colour image (H, W, 3 uint8) in `palette` (rows = classes; default the ISPRS
+    one); 255 and unknown -> black."""
+    table, rows = _CLASS_TO_COLOUR, len(PALETTE)
+    if palette is not None:  # another dataset's colours (meta.json's "palette")
+        rows = len(palette)
+        table = np.zeros((256, 3), dtype=np.uint8)
+        table[:rows] = np.asarray(palette, dtype=np.uint8)
     label = np.asarray(label)
     if label.dtype != np.uint8:
         # Keep out-of-range values (e.g. int64 predictions) out of the LUT's valid rows.
-        label = np.where((label >= 0) & (label < len(PALETTE)), label, IGNORE_INDEX).astype(np.uint8)
-    return _CLASS_TO_COLOUR[label]
+        label = np.where((label >= 0) & (label < rows), label, IGNORE_INDEX).astype(np.uint8)
+    return table[label]

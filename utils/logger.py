@@ -91,12 +91,14 @@ class Logger:
         table = "\n".join("    " + line for line in format_table(results, names).splitlines())
         self.writer.add_text(f"{prefix}/table", table, step)
 
-    def add_prediction_figure(self, tag: str, images, labels, preds, mean, std, step: int, class_names) -> None:
-        """The samples as a titled figure: columns image | ground truth | prediction, ISPRS legend below."""
+    def add_prediction_figure(self, tag: str, images, labels, preds, mean, std, step: int, class_names,
+                              palette=None) -> None:
+        """The samples as a titled figure: columns image | ground truth | prediction, the legend below
+        (palette: the dataset's class colours, meta.json's; default ISPRS)."""
         if not self.enabled or self._writer() is None:
             return
-        columns = [sample_images(images, mean, std), colour_maps(labels), colour_maps(preds)]
-        fig = prediction_figure(columns, ["image", "ground truth", "prediction"], class_names)
+        columns = [sample_images(images, mean, std), colour_maps(labels, palette), colour_maps(preds, palette)]
+        fig = prediction_figure(columns, ["image", "ground truth", "prediction"], class_names, palette=palette)
         self.writer.add_figure(clean_tag(tag), fig, step, close=True)
 
     def close(self) -> None:
@@ -181,23 +183,23 @@ def sample_images(images, mean, std) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
-def colour_maps(label_maps) -> np.ndarray:
-    """uint8 [N, H, W, 3]: class index maps [N, H, W] in the ISPRS palette (255 black)."""
+def colour_maps(label_maps, palette=None) -> np.ndarray:
+    """uint8 [N, H, W, 3]: class index maps [N, H, W] in `palette` (default ISPRS; 255 black)."""
     from utils.colormap import colorize  # lazy: the palette lives in its own module
 
     maps = torch.as_tensor(label_maps).detach().cpu().numpy().astype(np.int64)
     n, h, w = maps.shape
     # colorize takes one HxW map: stack the batch vertically into one tall map.
-    return np.asarray(colorize(maps.reshape(n * h, w)), dtype=np.uint8).reshape(n, h, w, 3)
+    return np.asarray(colorize(maps.reshape(n * h, w), palette), dtype=np.uint8).reshape(n, h, w, 3)
 
 
 def prediction_figure(columns, titles, class_names, legend_classes=None, ignore_label="ignored / not seen",
-                      title=None):
+                      title=None, palette=None):
     """Figure of rows = samples, one titled column per entry of `columns` ([N, H, W, 3] uint8 each),
     with the ISPRS legend (colour patch + name per class, black for ignored pixels) underneath.
 
     class_names: names of class indices 0..K-1 (the palette rows); legend_classes: which of them to
-    show (default all); title: an optional line above the column titles.
+    show (default all); title: an optional line above the column titles; palette: class colours (default ISPRS).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -205,10 +207,11 @@ def prediction_figure(columns, titles, class_names, legend_classes=None, ignore_
 
     from utils.colormap import PALETTE
 
+    colours = PALETTE if palette is None else np.asarray(palette, dtype=np.uint8)
     n_rows, n_cols = len(columns[0]), len(columns)
     height, width = columns[0].shape[1:3]
-    shown = range(min(len(class_names), len(PALETTE))) if legend_classes is None else legend_classes
-    handles = [Patch(facecolor=PALETTE[c] / 255.0, edgecolor="0.4", label=class_names[c]) for c in shown]
+    shown = range(min(len(class_names), len(colours))) if legend_classes is None else legend_classes
+    handles = [Patch(facecolor=colours[c] / 255.0, edgecolor="0.4", label=class_names[c]) for c in shown]
     handles.append(Patch(facecolor="black", edgecolor="0.4", label=ignore_label))
     legend_cols = min(len(handles), 4)
     panel = 2.2  # inches per image width
