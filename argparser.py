@@ -266,7 +266,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     opts = parser.parse_args(argv)
     explicit = _explicit_options(argv)
     if opts.list_tasks:
-        tasks.prepare(opts.dataset, opts.data_root, opts.task_file)
+        _prepare_tasks(opts)
         print("\n".join(tasks.describe_tasks(opts.dataset)))
         sys.exit(0)
     if opts.print_presets:
@@ -291,6 +291,16 @@ def _method_class(name: str):
         raise UserError(f"{err}{did_you_mean(name, {**ALIASES, **{n: n for n in METHODS}})}") from None
 
 
+def _prepare_tasks(opts: argparse.Namespace) -> None:
+    """--dataset (built in, or processed into --data_root) and the tasks of --task_file made known to tasks.py."""
+    try:
+        tasks.prepare(opts.dataset, opts.data_root, getattr(opts, "task_file", None))
+    except UserError as err:
+        if str(err).startswith("unknown dataset"):
+            raise UserError(f"--dataset {opts.dataset}: {err}{did_you_mean(opts.dataset, tasks.DATASETS)}") from None
+        raise
+
+
 def finalize(opts: argparse.Namespace) -> argparse.Namespace:
     """Derived defaults and validation shared by every entry point."""
     if not hasattr(opts, "base_name"):  # finalize once: the seed goes into the name only once
@@ -298,7 +308,7 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
         seed = getattr(opts, "random_seed", DEFAULT_SEED)
         # Runs of other seeds never share checkpoints, logs or results rows (docs/robustness.md).
         opts.name = opts.base_name if seed == DEFAULT_SEED else f"{opts.base_name}-s{seed}"
-    tasks.prepare(opts.dataset, opts.data_root, getattr(opts, "task_file", None))  # a processed or file's dataset/tasks
+    _prepare_tasks(opts)
     try:
         tasks.get_task_dict(opts.dataset, opts.task, opts.step)  # UserError for unknown task / step
     except UserError as err:

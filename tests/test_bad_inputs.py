@@ -124,7 +124,7 @@ def test_label_of_another_size_names_the_file(data_root, tmp_path, capsys):
 def test_label_without_any_known_class_names_the_file(data_root, tmp_path, capsys):
     root = _broken_copy(data_root, tmp_path, lambda a: np.full_like(a, 7))
     assert_user_error(capsys, run_args(root, tmp_path, 0, extra=["--debug"]), "labels", ".png", "[7]",
-                      "no ISPRS class")
+                      "no class of vaihingen (0-5, 255 ignored)")
 
 
 def test_non_finite_weights_are_never_saved(data_root, tmp_path, capsys, monkeypatch):

@@ -73,10 +73,14 @@ def test_no_prefix_abbreviations(capsys):
                    "(python run.py --help lists every option)"]
     assert parse_args(["--pooling_size", "32"]).pooling_size == 32
     with pytest.raises(SystemExit) as exc:  # argparse's own errors are one line too
-        parse_args(["--dataset", "vaihngen"])
+        parse_args(["--opt_level", "O9"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: argument --dataset: invalid choice: 'vaihngen'")
+    assert len(err) == 1 and err[0].startswith("error: argument --opt_level: invalid choice: 'O9'")
+    # any processed dataset is a --dataset: a name neither built in nor processed is refused with the closest
+    with pytest.raises(UserError, match=r"^--dataset vaihngen: unknown dataset 'vaihngen': .*; did you mean "
+                                        r"vaihingen\?$"):
+        parse_args(["--dataset", "vaihngen"])
 
 
 @pytest.mark.parametrize("argv,fragment", [
