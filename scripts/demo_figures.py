@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import tasks
-from process_data.isprs_processing import _read_tile
+from process_data.tile_processing import _read_tile
 from utils.colormap import CLASS_NAMES, colorize, decode_colors
 from utils.errors import UserError, exit_on_user_error
 from utils.results import read_results

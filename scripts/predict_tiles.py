@@ -1,13 +1,14 @@
-"""Predict whole ISPRS tiles with a saved step and score them (full-tile mIoU).
+"""Predict whole tiles with a saved step and score them (full-tile mIoU); any built-in dataset, or one of your
+own with --spec.
 
     python scripts/predict_tiles.py --ckpt checkpoints/step/4-1-vaihingen_MiB_1.pth --src RAW --out preds/
 
 Every official test tile found in the raw archives (--src, zipped or extracted, as for process_data/) is
 predicted with a sliding window (--window px, --overlap between windows; the logits of overlapping
-windows are averaged), then written as `<tile>_pred.png` (an ISPRS colour label image, the format of the
-benchmark's submissions) and `<tile>_preview.png` (downsized image | ground truth | prediction with the
-legend). The confusion matrix of every tile against its label (eroded by default, the ISPRS convention)
-gives per-tile and overall metrics in `metrics.csv` / `metrics.json` (mIoU old/new/all as in the
+windows are averaged), then written as `<tile>_pred.png` (a colour label image in the dataset's palette; for
+ISPRS the format of the benchmark's submissions) and `<tile>_preview.png` (downsized image | ground truth |
+prediction with the legend). The confusion matrix of every tile against its label (ISPRS: eroded by default,
+the ISPRS convention) gives per-tile and overall metrics in `metrics.csv` / `metrics.json` (mIoU old/new/all as in the
 results files) and on the console.
 """
 from __future__ import annotations
@@ -26,9 +27,9 @@ from PIL import Image
 import tasks
 from dataset import label_lut, load_meta
 from modules import make_model
-from process_data.isprs_processing import LAYOUTS, RawSource, _locate_tiles, _read_tile, crop_positions
+from process_data.tile_processing import RawSource, _locate_tiles, _read_tile, as_layout, crop_positions
 from utils.checkpoint import load_checkpoint
-from utils.colormap import CLASS_NAMES, colorize, decode_colors
+from utils.colormap import colorize
 from utils.distributed import choose_device, cpu_threads_per_process, gpu_driver_present
 from utils.errors import UserError, exit_on_user_error
 from utils.metrics import SegmentationMetrics, format_table
@@ -51,6 +52,7 @@ class StepModel:
         self.classes = list(checkpoint["classes"])
         self.num_channels = sum(self.classes)  # channels of the seen classes (MiB-CD: background included)
         self.meta = load_meta(data_root or opts.data_root, self.dataset)  # mean / std / channels of training
+        tasks.prepare(self.dataset, data_root or opts.data_root, getattr(opts, "task_file", None))
         self.window = int(getattr(opts, "crop_size", None) or self.meta["crop_size"])
         self.model = make_model(opts, self.classes).to(device)
         missing, unexpected = self.model.load_state_dict(checkpoint["model"], strict=False)
@@ -125,14 +127,14 @@ def summary(step_model: StepModel, metrics: SegmentationMetrics) -> dict:
     return metrics.results(old_classes=list(range(first)), new_classes=list(range(first, step_model.num_channels)))
 
 
-def preview(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, title: str):
-    """Downsized image | ground truth | prediction with the ISPRS legend, as a matplotlib figure."""
+def preview(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, title: str, names, palette=None):
+    """Downsized image | ground truth | prediction with the legend (the dataset's names and palette)."""
     from utils.logger import prediction_figure
 
     step = max(1, int(np.ceil(max(image.shape[:2]) / PREVIEW_SIDE)))
-    columns = [image[None, ::step, ::step, :3], colorize(label[::step, ::step])[None],
-               colorize(prediction[::step, ::step])[None]]
-    fig = prediction_figure(columns, ["image", "ground truth", f"prediction ({title})"], CLASS_NAMES)
+    columns = [image[None, ::step, ::step, :3], colorize(label[::step, ::step], palette)[None],
+               colorize(prediction[::step, ::step], palette)[None]]
+    fig = prediction_figure(columns, ["image", "ground truth", f"prediction ({title})"], names, palette=palette)
     return fig
 
 
@@ -149,8 +151,11 @@ def build_parser():
                              "checkpoint's --data_root)")
     parser.add_argument("--tiles", nargs="+", default=None,
                         help="tile ids to predict, e.g. area2 area4 or 2_13 (default: every official test tile found)")
-    parser.add_argument("--labels", choices=["eroded", "complete"], default=None,
-                        help="ground truth to score against (default: eroded when its archive is there)")
+    parser.add_argument("--spec", default=None,
+                        help="dataset spec of a dataset of your own (built-in datasets: their shipped spec)")
+    parser.add_argument("--labels", default=None,
+                        help="label variant to score against (ISPRS: eroded or complete, default eroded when its "
+                             "archive is there; other datasets: their spec's)")
     parser.add_argument("--window", type=int, default=None,
                         help="sliding-window size in px (default: the checkpoint's training crop size)")
     parser.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows, a fraction "
@@ -162,9 +167,9 @@ def build_parser():
     return parser
 
 
-def locate(step_model: StepModel, src, tile_ids, labels):
+def locate(step_model: StepModel, src, tile_ids, labels, spec=None):
     """[(split, tile, image locator, label locator)] of the wanted tiles and the open RawSource."""
-    layout = LAYOUTS[step_model.dataset]
+    layout = as_layout(spec or step_model.dataset)
     source = RawSource(src, layout.wanted_folders())
     try:
         found, _ = _locate_tiles(layout, source, step_model.meta["channels"], labels)
@@ -195,7 +200,8 @@ def predict_tiles(args) -> dict:
         torch.set_num_threads(cpu_threads_per_process(1))
     step_model = StepModel(args.ckpt, device, args.data_root)
     out = Path(args.out)
-    chosen, source, layout = locate(step_model, args.src, args.tiles, args.labels)
+    chosen, source, layout = locate(step_model, args.src, args.tiles, args.labels, args.spec)
+    palette = step_model.meta.get("palette")
     names = tasks.channel_names(step_model.dataset, step_model.task)[: step_model.num_channels]
     to_class = step_model.channel_to_class()
     overall = SegmentationMetrics(step_model.num_channels)
@@ -205,18 +211,19 @@ def predict_tiles(args) -> dict:
         for split, tile, image_loc, label_loc in chosen:
             start = time.time()
             image, label_rgb = _read_tile(source, layout, image_loc, label_loc, step_model.meta["channels"])
-            label, _ = decode_colors(label_rgb)
+            label = layout.decode(label_rgb)[0]
             del label_rgb
             logits = step_model.predict_logits(image, args.window, args.overlap, args.batch_size)
             prediction = logits.argmax(dim=0).numpy().astype(np.uint8)  # channel indices
             classes = to_class[prediction]
-            Image.fromarray(colorize(classes)).save(out / f"{tile}_pred.png")
+            Image.fromarray(colorize(classes, palette)).save(out / f"{tile}_pred.png")
             tile_metrics = SegmentationMetrics(step_model.num_channels)
             score(step_model, prediction, label, tile_metrics)
             overall.confusion += tile_metrics.confusion
             results = summary(step_model, tile_metrics)
             if not args.no_preview:
-                fig = preview(image, label, classes, Path(args.ckpt).stem)
+                fig = preview(image, label, classes, Path(args.ckpt).stem, tasks.class_names(step_model.dataset),
+                              palette)
                 fig.savefig(out / f"{tile}_preview.png", dpi=100)
             rows.append({"tile": tile, "split": split, **_row(results, names)})
             print(f"{tile}: mIoU all {_pc(results['miou_all'])}, old {_pc(results['miou_old'])}, new "
