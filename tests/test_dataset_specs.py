@@ -22,6 +22,7 @@ from process_data import data_process_loveda, data_process_potsdam, data_process
 from process_data.make_synthetic_isprs import generate
 from process_data.make_synthetic_landcover import MISSING_XBD_TILE
 from tests.conftest import FIXTURE_CROP
+from tests.test_outputs import load_script
 from tests.test_run import TINY
 from utils.colormap import decode_colors
 from utils.dataset_spec import DatasetSpec, builtin_spec, builtin_spec_file, load_spec
@@ -295,7 +296,7 @@ def test_loveda_mib_steps_0_and_1_of_a_task_from_a_file(data_root, tmp_path, cap
     assert [r["step"] for r in rows] == ["0", "1"] and rows[0]["water"] == "x" and rows[1]["water"] != "x"
 
 
-def test_openearthmap_mib_steps_0_and_1_of_a_shipped_task(data_root, tmp_path):
+def test_openearthmap_mib_steps_0_and_1_of_a_shipped_task_and_whole_tiles(raw_root, data_root, tmp_path):
     args = ["--data_root", str(data_root), "--dataset", "openearthmap", "--task", "7-1", "--method", "MiB",
             "--filter_mode", "overlap", "--checkpoint_dir", str(tmp_path / "ckpt"), "--logdir", str(tmp_path / "logs"),
             "--results_dir", str(tmp_path / "results"), *TINY]
@@ -303,6 +304,18 @@ def test_openearthmap_mib_steps_0_and_1_of_a_shipped_task(data_root, tmp_path):
     run.main([*args, "--step", "1"])
     rows = list(csv.DictReader(open(tmp_path / "results" / "openearthmap_7-1-ov_MiB.csv")))
     assert [r["step"] for r in rows] == ["0", "1"] and rows[0]["building"] == "x" and rows[1]["building"] != "x"
+    # whole tiles from the raw layout, coloured in the dataset's palette (synthetic background: black)
+    predict = load_script("predict_tiles")
+    ckpt = tmp_path / "ckpt" / "step" / "7-1-openearthmap-ov_MiB_1.pth"
+    predict.main(["--ckpt", str(ckpt), "--src", str(raw_root), "--out", str(tmp_path / "pred"), "--data_root",
+                  str(data_root), "--window", "64", "--device", "cpu", "--no_preview"])
+    meta = json.loads((data_root / "openearthmap" / "meta.json").read_text())
+    tiles = [r["tile"] for r in csv.DictReader(open(tmp_path / "pred" / "metrics.csv"))]
+    assert tiles == meta["tiles"]["test"] + ["all"]
+    allowed = {tuple(c) for c in meta["palette"]} | {(0, 0, 0)}
+    for tile in meta["tiles"]["test"]:
+        colours = np.array(Image.open(tmp_path / "pred" / f"{tile}_pred.png")).reshape(-1, 3)
+        assert {tuple(int(v) for v in c) for c in np.unique(colours, axis=0)} <= allowed
 
 
 # ---------------------------------------------------------------------------------------- bad files: one line
