@@ -134,11 +134,11 @@ class SpecLayout:
         return test_labels
 
     def _tile_ids(self, source, split, entry, channels):
-        """(tile ids, where they came from) of one source of a split: its list, its list file, or every
-        image file matching its pattern (sorted)."""
+        """Tile ids of one source of a split: its list, its list file, or every image file matching its
+        pattern (sorted)."""
         pattern = self.spec.image_pattern(entry, channels)
         if entry["tiles"] is not None:
-            return list(entry["tiles"]), "the spec's list"
+            return list(entry["tiles"])
         if entry["list"]:
             locator = source.find_path(entry["list"])
             if locator is None:
@@ -151,20 +151,19 @@ class SpecLayout:
                 if line:
                     match = file_regex.match(line)
                     ids.append(match.group("tile") if match else line)
-            return ids, entry["list"]
-        return sorted(source.matching(pattern)), None
+            return ids
+        return sorted(source.matching(pattern))
 
     def locate(self, source, channels, test_labels):
         """[(split, tile, image locator, label locator)] of the spec's tiles present in --src, and the
         test label variant used."""
         test_labels = self.check_variants(source, channels, test_labels)
-        found = []
+        found, names = [], set()
         for split in SPLITS:
             variant = self.spec.train_labels if split == "train" else test_labels
             for entry in self.spec.splits[split]:
                 pattern = self.spec.image_pattern(entry, channels)
-                ids, _ = self._tile_ids(source, split, entry, channels)
-                for tile in ids:
+                for tile in self._tile_ids(source, split, entry, channels):
                     image = source.find_pattern(pattern, tile)
                     if image is None:
                         continue  # tiles absent from --src are skipped
@@ -172,7 +171,13 @@ class SpecLayout:
                     label = source.find_pattern(label_pattern, tile)
                     if label is None:
                         self.missing_label(source, image, label_pattern.replace("{tile}", tile))
-                    found.append((split, entry["name"].replace("{tile}", tile), image, label))
+                    name = entry["name"].replace("{tile}", tile)
+                    if name in names:
+                        raise UserError(f"tile {name} of {self.name} is found twice under --src {source.src} "
+                                        f"({source.describe(image)}); give each source of the spec its own "
+                                        f'"name", e.g. "urban{{tile}}"')
+                    found.append((split, name, image, label))
+                    names.add(name)
         for split in SPLITS:
             if not any(e[0] == split for e in found):
                 self.no_tiles(source, split, channels)

@@ -384,3 +384,21 @@ def test_every_shipped_spec_and_task_file_loads():
         spec = load_spec(builtin_spec_file(name))
         assert spec.name == name and tasks.class_names(name) == spec.classes
         assert len(tasks.task_names(name)) >= 3  # offline and at least two CISS tasks
+
+
+def test_spec_sources_that_clash_or_miss_their_list_are_one_line(raw_root, tmp_path, capsys):
+    spec_path, _ = _my_spec(tmp_path)
+    spec = json.loads(spec_path.read_text())
+    spec["splits"]["train"] = [spec["splits"]["train"], spec["splits"]["train"]]  # the same tiles twice
+    spec_path.write_text(json.dumps(spec))
+    for change, fragment in ((None, "tile 1366 of mycity is found twice"),
+                             ({"list": "missing.txt"}, "no list file missing.txt under --src")):
+        if change:
+            spec["splits"]["train"] = change
+            spec_path.write_text(json.dumps(spec))
+        with pytest.raises(SystemExit) as exc:
+            process_dataset.main(["--spec", str(spec_path), "--src", str(raw_root), "--dst", str(tmp_path / "out")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err, err
+    assert not (tmp_path / "out").exists()
