@@ -18,7 +18,6 @@ The raw-class helpers (`get_task_labels`, `get_order`) never list the synthetic 
 the channel helpers (`get_per_task_classes`, `channel_of`, `channel_names`) do.
 """
 import operator
-from pathlib import Path
 
 import numpy as np
 
@@ -43,7 +42,6 @@ _FAMILY_TASKS = {MICRO: TASKS, MIBCD: MIBCD_TASKS}
 _CLASSES = {}  # dataset -> class names (index = processed label value)
 _BACKGROUND = {}  # dataset -> name of its background class (None: only MiB-CD's family; ANY_BACKGROUND: unchecked)
 ANY_BACKGROUND = ""  # a dataset known from meta.json alone: the first class of step 0 is the background
-_BUILTIN_TASKS = {}  # dataset -> names of the tasks of its shipped task file
 
 
 def register_dataset(dataset, classes, background=None):
@@ -154,12 +152,7 @@ def _find(dataset, task):
 def _register_builtin(dataset):
     spec = builtin_spec(dataset)
     register_dataset(dataset, spec.classes, spec.background)
-    _BUILTIN_TASKS[dataset] = load_task_file(SPEC_DIR / spec.task_file, dataset)
-
-
-def builtin_task_file(dataset) -> Path:
-    """The shipped task file of a built-in dataset."""
-    return SPEC_DIR / builtin_spec(dataset).task_file
+    load_task_file(SPEC_DIR / spec.task_file, dataset)
 
 
 def describe_tasks(dataset):
