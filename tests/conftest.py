@@ -1,6 +1,10 @@
 """Shared fixtures: small synthetic raw archives (ISPRS, LoveDA, OpenEarthMap) and their processed crops
 (session scoped)."""
+import os
+import shutil
 import socket
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +46,33 @@ def data_root(raw_root, tmp_path_factory):
         process_dataset(layout, raw_root, root, crop_size=FIXTURE_CROP, stride=FIXTURE_CROP,
                         seed=42, progress=False, png=True)
     return root
+
+
+LOCAL_SLURM = Path(__file__).resolve().parents[1] / "scripts" / "local_slurm.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real one-node SLURM of scripts/local_slurm.sh, started if it is not up (root only).
+
+    Where it cannot be started the test is skipped with one line, except under CI (CI=true), where
+    the SLURM tests must run: there it fails.
+    """
+    if subprocess.run(["bash", str(LOCAL_SLURM), "status"], capture_output=True).returncode != 0:
+        why = None
+        if os.geteuid() != 0 and shutil.which("slurmctld") is None:
+            why = "SLURM is not installed and this is not root"
+        else:
+            started = subprocess.run(["bash", str(LOCAL_SLURM), "start"], capture_output=True, text=True)
+            if started.returncode != 0:
+                why = (started.stderr or started.stdout).strip().splitlines()[-1:] or ["no output"]
+                why = why[0]
+        if why:
+            message = f"local SLURM not available ({why}); start it with: bash scripts/local_slurm.sh start"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    return "debug"  # the partition
 
 
 @pytest.fixture
