@@ -42,6 +42,7 @@ _FAMILY_TASKS = {MICRO: TASKS, MIBCD: MIBCD_TASKS}
 _CLASSES = {}  # dataset -> class names (index = processed label value)
 _BACKGROUND = {}  # dataset -> name of its background class (None: only MiB-CD's family; ANY_BACKGROUND: unchecked)
 ANY_BACKGROUND = ""  # a dataset known from meta.json alone: the first class of step 0 is the background
+_SHIPPED = {}  # built-in dataset -> {task: steps} of its shipped task file (their split files come with processing)
 
 
 def register_dataset(dataset, classes, background=None):
@@ -127,13 +128,14 @@ def parse_tasks(content, dataset, source):
 
 
 def load_task_file(path, dataset):
-    """Add the tasks of a task file to `dataset`; returns their names. A task may not redefine one of the
-    dataset's shipped tasks (its split files are the shipped one's)."""
+    """Add the tasks of a task file to `dataset` (replacing a task of an earlier file of the same name); returns
+    their names. A task may not redefine one of the dataset's shipped tasks (its split files are the shipped
+    one's)."""
     _check_dataset(dataset)
     parsed = parse_tasks(read_task_file(path), dataset, str(path))
     for task, (family_name, steps) in parsed.items():
         known = _find(dataset, task)
-        if known is not None and (known[0] != family_name or known[1] != steps):
+        if known is not None and is_shipped(dataset, task) and (known[0] != family_name or known[1] != steps):
             raise _task_error(path, task, f"{dataset} already has a task of that name with other steps; "
                                           f"give yours another name")
         for table in _FAMILY_TASKS.values():
@@ -153,6 +155,12 @@ def _register_builtin(dataset):
     spec = builtin_spec(dataset)
     register_dataset(dataset, spec.classes, spec.background)
     load_task_file(SPEC_DIR / spec.task_file, dataset)
+    _SHIPPED[dataset] = {task: _find(dataset, task) for task in task_names(dataset)}
+
+
+def is_shipped(dataset, task):
+    """Whether `task` is one of a built-in dataset's shipped tasks (not one of a task file given later)."""
+    return task in _SHIPPED.get(dataset, {})
 
 
 def describe_tasks(dataset):

@@ -79,6 +79,13 @@ def get_datasets(opts):
     new_classes, _ = tasks.get_task_labels(dataset, task, step)  # validates task and step
 
     path = split_file(data_root, dataset, task, step, protocol["filter_mode"])
+    if not tasks.is_shipped(dataset, task):  # a task file's task: its split files follow the file, from meta.json
+        from process_data.tile_processing import write_splits  # the processing's own split rules
+        try:
+            write_splits(dataset_dir(data_root, dataset), meta, only_task=task, unchanged_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot write the split files of task {task} into {dataset_dir(data_root, dataset)} "
+                            f"({err.strerror or err}); process a copy of the dataset you can write to") from None
     train_base = ISPRSCrops(data_root, dataset, "train", meta)
     test_base = ISPRSCrops(data_root, dataset, "test", meta)
     indices = _load_split(path, len(train_base), data_root, dataset, getattr(opts, "task_file", None))

@@ -520,19 +520,31 @@ def task_splits(family, presence, steps, seed):
     return {"disjoint": disjoint_split(presence, steps, seed), "overlap": overlapped_split(presence, steps)}
 
 
-def write_splits(folder, meta):
-    """Write the split files of every filter mode of every task (both families); returns their sizes."""
+def write_splits(folder, meta, only_task=None, unchanged_ok=False):
+    """Write the split files of every filter mode of every task (both families), or of `only_task`; returns
+    their sizes. unchanged_ok: leave a file that already holds the same indices (a run's own check)."""
     seed, min_pixels = meta["split"]["seed"], meta["split"]["min_pixels"]
     presence = class_presence(meta["train"]["class_pixels"], min_pixels, len(meta["classes"]))
     sizes = {}
     for task, (family, step_dict) in task_defs.all_tasks(meta["dataset"]).items():
+        if only_task is not None and task != only_task:
+            continue
         steps = [step_dict[s] for s in sorted(step_dict)]
         suffixes = task_defs.FILTER_MODES[family]
         for mode, per_step in task_splits(family, presence, steps, seed).items():
             for step, indices in enumerate(per_step):
-                save_npy(split_file(folder, task, suffixes[mode], step), np.sort(indices))
+                path, indices = split_file(folder, task, suffixes[mode], step), np.sort(indices)
+                if not (unchanged_ok and _holds(path, indices)):
+                    save_npy(path, indices)
             sizes[split_folder(task, suffixes[mode])] = [int(len(indices)) for indices in per_step]
     return sizes
+
+
+def _holds(path, indices):
+    try:
+        return np.array_equal(np.load(path), indices)
+    except (OSError, ValueError):
+        return False
 
 
 def default_min_pixels(crop_size):

@@ -3,6 +3,7 @@ its spec alone is byte-identical to its processor with the archive quirks; label
 per-pixel computation; LoveDA and OpenEarthMap from their archive layouts; a dataset of your own from a spec
 and a task file through processing, --list_tasks, MiB steps 0-1, the campaign plan and the tables; bad specs
 and task files end in one clear line."""
+import argparse
 import copy as copying
 import csv
 import json
@@ -18,6 +19,7 @@ from PIL import Image
 
 import run
 import tasks
+from dataset import get_datasets
 from process_data import data_process_loveda, data_process_potsdam, data_process_vaihingen, process_dataset
 from process_data.make_synthetic_isprs import generate
 from process_data.make_synthetic_landcover import MISSING_XBD_TILE
@@ -274,26 +276,44 @@ def test_own_dataset_campaign_plan_and_tables(my_dataset):
 
 
 # ---------------------------------------------------------------------------------------- built-in + task file
-def test_loveda_mib_steps_0_and_1_of_a_task_from_a_file(data_root, tmp_path, capsys):
+def test_loveda_mib_steps_0_and_1_of_a_task_from_a_file(data_root, tmp_path):
+    """A task file's split files come from meta.json at the run (as --splits_only --task_file writes them) and
+    follow the file: a task whose steps change gets new split files."""
     names = builtin_spec("loveda").classes
     task_file = tmp_path / "tasks.json"
     task_file.write_text(json.dumps({"tasks": {"3-4": {"family": "micro", "steps": [names[:3], names[3:]]}}}))
-    args = ["--data_root", str(data_root), "--dataset", "loveda", "--task_file", str(task_file), "--task", "3-4",
-            "--method", "MiB", "--checkpoint_dir", str(tmp_path / "ckpt"), "--logdir", str(tmp_path / "logs"),
-            "--results_dir", str(tmp_path / "results"), *TINY]
     copy = tmp_path / "data"
     shutil.copytree(data_root / "loveda", copy / "loveda")
-    args[1] = str(copy)
-    with pytest.raises(SystemExit) as exc:  # its split files are not written yet: the fix is named
-        run.main([*args, "--step", "0"])
-    assert exc.value.code == 2
-    fix = f"python process_data/data_process_loveda.py --dst {copy} --splits_only --task_file {task_file}"
-    assert capsys.readouterr().err.strip().endswith(f"`{fix}`")
-    data_process_loveda.main(fix.split()[2:])
+    args = ["--data_root", str(copy), "--dataset", "loveda", "--task_file", str(task_file), "--task", "3-4",
+            "--method", "MiB", "--checkpoint_dir", str(tmp_path / "ckpt"), "--logdir", str(tmp_path / "logs"),
+            "--results_dir", str(tmp_path / "results"), *TINY]
     run.main([*args, "--step", "0"])
     run.main([*args, "--step", "1"])
     rows = list(csv.DictReader(open(tmp_path / "results" / "loveda_3-4_MiB.csv")))
     assert [r["step"] for r in rows] == ["0", "1"] and rows[0]["water"] == "x" and rows[1]["water"] != "x"
+    written = {p.relative_to(copy): p.read_bytes() for p in (copy / "loveda").glob("3-4*/*.npy")}
+    expected = sorted(f"loveda/3-4{suffix}/train-{step}.npy" for suffix in ("", "-ov") for step in (0, 1))
+    assert sorted(str(p) for p in written) == expected
+    cli = tmp_path / "cli"
+    shutil.copytree(data_root / "loveda", cli / "loveda")
+    data_process_loveda.main(["--dst", str(cli), "--splits_only", "--task_file", str(task_file)])
+    assert all((cli / rel).read_bytes() == content for rel, content in written.items())
+    # the same name with other steps: the next run's split files are the new task's
+    three = [names[:3], names[3:5], names[5:]]
+    task_file.write_text(json.dumps({"tasks": {"3-4": {"family": "micro", "steps": three}}}))
+    tasks.load_task_file(task_file, "loveda")
+    opts = argparse.Namespace(data_root=str(copy), dataset="loveda", task="3-4", step=2, crop_size=64,
+                              task_file=str(task_file))
+    train, _, _ = get_datasets(opts)
+    meta = json.loads((copy / "loveda" / "meta.json").read_text())
+    presence = np.asarray(meta["train"]["class_pixels"])[:, :-1] >= meta["split"]["min_pixels"]
+    folder = copy / "loveda" / "3-4"
+    assert np.array_equal(np.sort(train.indices), np.load(folder / "train-2.npy")) and len(train.indices)
+    for step, classes in enumerate(three):  # the disjoint rule of the new steps: each crop once, holding a class
+        indices = np.load(folder / f"train-{step}.npy")
+        assert presence[indices][:, [names.index(c) for c in classes]].any(axis=1).all()
+    steps = [set(np.load(folder / f"train-{step}.npy").tolist()) for step in range(3)]
+    assert not (steps[0] & steps[1] or steps[0] & steps[2] or steps[1] & steps[2])
 
 
 def test_openearthmap_mib_steps_0_and_1_of_a_shipped_task_and_whole_tiles(raw_root, data_root, tmp_path):
