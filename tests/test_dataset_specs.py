@@ -6,6 +6,7 @@ and task files end in one clear line."""
 import argparse
 import copy as copying
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -67,6 +68,34 @@ def test_isprs_through_its_spec_alone_is_byte_identical_to_its_processor(raw_roo
     script.main([*common, "--dst", str(tmp_path / "quirks")])
     process_dataset.main(["--spec", str(builtin_spec_file(dataset)), *common, "--dst", str(tmp_path / "spec")])
     _assert_same_output(tmp_path / "quirks" / dataset, tmp_path / "spec" / dataset)
+
+
+# sha256 over every output file (meta.json without processing_seconds and the source paths of tile_info) of the
+# ISPRS processors BEFORE dataset specs existed (main at d9c8baf), on the fixture's archives at crop 64 / stride 48.
+# A deliberate change of the processed output updates these (with `_digest` on the new output) and says so.
+PRE_SPEC_DIGESTS = {"vaihingen": "4efaced286c3e84902cbaba548b97553f5dba87c91fd5d6167aab656a45ea761",
+                    "potsdam": "fba68fc28ea065fabd341432dc15bede7f4c04572f5a2ee3902766c2a08f6967"}
+
+
+def _digest(folder):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel, data = str(path.relative_to(folder)), path.read_bytes()
+        if rel == "meta.json":
+            meta = json.loads(data)
+            meta.pop("processing_seconds")
+            for info in meta["tile_info"].values():
+                info.pop("image"), info.pop("label")
+            data = json.dumps(meta, sort_keys=True).encode()
+        digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("dataset", ["vaihingen", "potsdam"])
+def test_isprs_output_is_what_it_was_before_specs(raw_root, tmp_path, dataset):
+    process_dataset.main(["--spec", str(builtin_spec_file(dataset)), "--src", str(raw_root), "--crop_size", "64",
+                          "--stride", "48", "--quiet", "--dst", str(tmp_path)])
+    assert _digest(tmp_path / dataset) == PRE_SPEC_DIGESTS[dataset]
 
 
 def test_potsdam_zips_through_its_spec_alone_are_byte_identical_too(tmp_path):
