@@ -195,8 +195,9 @@ class DatasetSpec:
             codes = _threshold_codes(rgb)
             off = int(np.count_nonzero(((rgb != 0) & (rgb != 255)).any(axis=-1)))
             return self.lut[codes], int(np.count_nonzero(~self.known[codes])), off
-        flat = rgb.reshape(-1, 3).astype(np.int16)
-        colours, inverse = np.unique(flat, axis=0, return_inverse=True)  # few distinct colours per tile
+        packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+        codes, inverse = np.unique(packed.ravel(), return_inverse=True)  # few distinct colours per tile
+        colours = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1).astype(np.int16)
         distance = np.abs(colours[:, None, :] - self.palette[None].astype(np.int16)).max(axis=2)
         nearest = distance.argmin(axis=1)
         ignored = (np.abs(colours[:, None, :] - self.ignore_colours[None]).max(axis=2) <= self.tolerance).any(1)
