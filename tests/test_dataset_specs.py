@@ -451,3 +451,20 @@ def test_spec_sources_that_clash_or_miss_their_list_are_one_line(raw_root, tmp_p
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_list_tasks_of_built_in_datasets(capsys):
+    for dataset, first in (("vaihingen", "offline (MiCro's family, 1 step): 0: clutter, impervious surfaces, "
+                                         "building, low vegetation, tree, car"),
+                           ("loveda", "offline (MiCro's family, 1 step): 0: background, building, road, water, "
+                                      "barren, forest, agricultural"),
+                           ("openearthmap", "offline (MiB-CD's family, 1 step): 0: bareland, rangeland, developed "
+                                            "space, road, tree, water, agriculture land, building")):
+        with pytest.raises(SystemExit) as exc:
+            run.main(["--dataset", dataset, "--list_tasks"])
+        lines = capsys.readouterr().out.splitlines()
+        assert exc.value.code == 0 and lines[0] == first and len(lines) == len(tasks.task_names(dataset))
+    assert "6-1 (MiCro's family, 2 steps): 0: background, building, road, water, barren, forest | 1: agricultural" \
+        in tasks.describe_tasks("loveda")
+    assert "6s (MiB-CD's family, 6 steps): 0: building | 1: tree | 2: impervious surfaces | 3: low vegetation | " \
+           "4: car | 5: clutter" in tasks.describe_tasks("potsdam")
