@@ -7,8 +7,10 @@ Methods whose step-0 training is identical (Method.step0_signature: same step-0 
 train step 0 once per (dataset, task, split, seed) under a shared name; their step 1 starts from it
 through --step_ckpt. A step whose checkpoint and results row exist with the same options is skipped,
 so the same command can be re-run after any failure (an interrupted step is re-run with the same
-command line). At the end the tables (paper layout, per step, per class; mean ± std over seeds) are
-written as Markdown, LaTeX and CSV, and the figures as PNG.
+command line). Runs go one after the other, or side by side: `--parallel N` on the CPU, `--gpus 0,1,2,3`
+(one run per `--gpus_per_run` GPUs), or as SLURM jobs with dependencies (`--slurm`). At the end the
+tables (paper layout, per step, per class; mean ± std over seeds) are written as Markdown, LaTeX and CSV,
+and the figures as PNG.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
-import subprocess
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from methods import METHODS, get_method_class
 from utils.checkpoint import checkpoint_path
 from utils.data_layout import DATASETS, dataset_dir, meta_file
 from utils.errors import UserError, exit_on_user_error
+from utils.parallel_runs import Job, ParallelRunner
 from utils.result_tables import DEFAULT_SEED, effective_name, split_seed
 from utils.results import read_results, results_path
 
@@ -78,6 +82,10 @@ class Run:
         return f"{self.dataset} {self.task} {self.split} seed {self.seed} step {self.step}: {who}"
 
 
+# run.py's line after every epoch: "epoch 3/40: total 0.1234, ... (12.3s, lr 1.00e-02)"
+EPOCH_LINE = re.compile(r"^epoch \d+/\d+: .*\((\d+(?:\.\d+)?)s, lr ", re.M)
+
+
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
     parser = argparse.ArgumentParser(
@@ -109,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None,
                         help="folder for the tables and figures (default: <results_dir>/campaign)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for run.py (default: this one)")
+    side = parser.add_argument_group("runs side by side (default: one after the other)")
+    side.add_argument("--parallel", type=int, default=1, metavar="N",
+                      help="CPU: N runs at once, the cores shared out (OMP_NUM_THREADS = cores / N per run)")
+    side.add_argument("--gpus", default=None, metavar="IDS",
+                      help="GPUs to use, e.g. 0,1,2,3 or all: a run starts as soon as --gpus_per_run of them "
+                           "are free (CUDA_VISIBLE_DEVICES, own rendezvous port)")
+    side.add_argument("--gpus_per_run", type=int, default=1, metavar="K",
+                      help="GPUs (= processes) per run with --gpus or --slurm; K > 1 launches torchrun (default 1)")
+    cluster = parser.add_argument_group("SLURM (see docs/campaign.md)")
+    cluster.add_argument("--slurm", action="store_true",
+                         help="submit every step still to do as an sbatch job (afterok on the step it starts "
+                              "from); re-running submits only what is not queued, running or done")
+    cluster.add_argument("--slurm_args", default="", metavar="'ARGS'",
+                         help="sbatch options for every job, e.g. '--partition gpu --time 12:00:00 --account x'")
+    cluster.add_argument("--slurm_signal", default="USR1@180", metavar="SIG@S",
+                         help="signal the step gets S seconds before its time limit (sbatch --signal B:SIG@S; "
+                              "default USR1@180); jobs are submitted with --requeue")
+    cluster.add_argument("--wait", action="store_true",
+                         help="with --slurm: follow the jobs until none is queued or running, then report "
+                              "and write the tables")
+    cluster.add_argument("--poll_s", type=float, default=15.0, help=argparse.SUPPRESS)
     return parser
 
 
@@ -175,9 +204,54 @@ class Campaign:
         self.checkpoint_dir = probe.checkpoint_dir
         self.results_dir = probe.results_dir
         self.out = Path(opts.out) if opts.out else Path(self.results_dir) / "campaign"
+        self.on_cpu = probe.device == "cpu"
+        self.slots, self.nproc = self._slots()
         self.runs: list[Run] = []
         self.sharing: dict[tuple, list[list[str]]] = {}
         self.plan()
+
+    def _slots(self) -> tuple[list, int]:
+        """(slots of this machine: GPU ids or one None per CPU share; processes per run)."""
+        o = self.opts
+        if o.parallel < 1:
+            raise UserError(f"--parallel must be >= 1 (got {o.parallel})")
+        if o.gpus_per_run < 1:
+            raise UserError(f"--gpus_per_run must be >= 1 (got {o.gpus_per_run})")
+        if o.slurm and (o.gpus or o.parallel > 1):
+            raise UserError("--gpus and --parallel share out this machine; with --slurm the cluster places the "
+                            "jobs (GPUs per job: --gpus_per_run)")
+        if o.wait and not o.slurm:
+            raise UserError("--wait follows SLURM jobs; add --slurm (without it the campaign runs the steps itself)")
+        if o.gpus_per_run > 1 and o.nproc not in (1, o.gpus_per_run):
+            raise UserError(f"--nproc {o.nproc} and --gpus_per_run {o.gpus_per_run} disagree: a run has one "
+                            f"process per GPU; give --gpus_per_run only")
+        if not o.gpus:
+            if o.gpus_per_run > 1 and not o.slurm:
+                raise UserError("--gpus_per_run is for --gpus or --slurm; for one run on several processes "
+                                "give --nproc")
+            if o.slurm and not self.on_cpu:
+                return [], o.gpus_per_run if o.gpus_per_run > 1 else o.nproc
+            return [None] * o.parallel, o.nproc
+        if o.parallel > 1:
+            raise UserError("--parallel shares out the CPU; with --gpus the runs share out the GPUs: give one of them")
+        if self.on_cpu:
+            raise UserError("--gpus with --device cpu after --: drop one of them")
+        if o.gpus == "all":
+            import torch
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = [v.strip() for v in visible.split(",") if v.strip()][:count] if visible else \
+                [str(i) for i in range(count)]
+            if not ids:
+                raise UserError("--gpus all: torch sees no GPU here; list the GPUs (--gpus 0,1) or use --parallel N "
+                                "on the CPU")
+        else:
+            ids = [v.strip() for v in o.gpus.split(",") if v.strip()]
+            if not ids or len(set(ids)) != len(ids):
+                raise UserError(f"--gpus {o.gpus}: give distinct GPU ids separated by commas (0,1,2,3) or all")
+        if len(ids) < o.gpus_per_run:
+            raise UserError(f"--gpus_per_run {o.gpus_per_run} needs at least that many GPUs; --gpus gives {len(ids)}")
+        return ids, o.gpus_per_run
 
     # ---------------------------------------------------------------- planning
     def _args(self, dataset, split, task, seed, method, name, step, step_ckpt=None) -> list[str]:
@@ -290,14 +364,21 @@ class Campaign:
             run.status, run.detail = ("done", "") if done else ("todo", why)
 
     # ---------------------------------------------------------------- commands
-    def command(self, run: Run) -> list[str]:
+    def command(self, run: Run, port: int | None = None) -> list[str]:
+        """run.py's command line; with a `port` torchrun's rendezvous is on that port of this machine."""
         script = os.path.relpath(ROOT / "run.py")
         if script.startswith(".."):
             script = str(ROOT / "run.py")
-        if self.opts.nproc > 1:
-            return [self.opts.python, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={self.opts.nproc}", script, *run.argv]
+        if self.nproc > 1:
+            where = ["--standalone"] if port is None else \
+                ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}"]
+            return [self.opts.python, "-m", "torch.distributed.run", *where,
+                    f"--nproc_per_node={self.nproc}", script, *run.argv]
         return [self.opts.python, script, *run.argv]
+
+    def log_path(self, run: Run, folder: str = "logs") -> Path:
+        split = "-ov" if run.overlap else ""
+        return self.out / folder / f"{run.dataset}_{run.task}{split}_{run.effective}_step{run.step}.log"
 
     def estimate_iterations(self) -> tuple[int, int] | None:
         """(iterations of the plan, iterations without step-0 sharing) from meta.json's split sizes."""
@@ -309,7 +390,7 @@ class Campaign:
                 crops = sizes[run.task + ("-ov" if run.overlap else "")][run.step]
             except (OSError, ValueError, KeyError, IndexError, TypeError):
                 return None
-            iters = run.opts["epochs"] * (crops // (run.opts["batch_size"] * self.opts.nproc))
+            iters = run.opts["epochs"] * (crops // (run.opts["batch_size"] * self.nproc))
             total += iters
             unshared += iters * len(run.users)
         return total, unshared
@@ -356,34 +437,88 @@ class Campaign:
 
     # ---------------------------------------------------------------- running
     def execute(self) -> int:
-        by_index = {r.index: r for r in self.runs}
+        """Train every step to do on this machine's slots (one after the other with one slot)."""
         todo = [r for r in self.runs if r.status == "todo"]
+        jobs = [Job(key=r.index, label=r.describe(), log=self.log_path(r), deps=list(r.deps)) for r in todo]
+        by_key = {r.index: r for r in self.runs}
+        runner = ParallelRunner(jobs, self.slots, self.nproc if self.slots[0] is not None else 1, self._launch,
+                                seconds_left=lambda job: self.seconds_left(by_key[job.key], job))
+        if len(self.slots) > 1:
+            what = f"GPUs {','.join(self.slots)}" if self.slots[0] is not None else \
+                f"{len(self.slots)} CPU shares of {self.threads_per_run()} thread(s)"
+            print(f"running up to {runner.width} at once on {what}; logs in {self.out / 'logs'}", flush=True)
         start = time.time()
-        for n, run in enumerate(todo, 1):
-            broken = [by_index[d] for d in run.deps if by_index[d].status in ("failed", "blocked")]
-            if broken:
-                run.status, run.detail = "blocked", f"needs run {broken[0].index}"
-                continue
-            print(f"\n== [{n}/{len(todo)}] {run.describe()} ==", flush=True)
-            began, run.detail = time.time(), ""
-            try:
-                code = subprocess.call(self.command(run))
-            except OSError as err:
-                code, run.detail = -1, str(err)
-            except KeyboardInterrupt:
+        finished = runner.run()
+        for job in jobs:
+            run = by_key[job.key]
+            if job.status in ("ok", "failed", "blocked"):
+                run.status, run.detail = job.status, job.detail
+            elif job.status == "interrupted":
                 run.status, run.detail = "failed", "interrupted"
-                self.report(time.time() - start)
-                print("interrupted: run the same command again to continue", flush=True)
-                return 130
-            minutes = (time.time() - began) / 60
-            if code == 0:
-                run.status, run.detail = "ok", f"{minutes:.1f} min"
-            else:
-                run.status = "failed"
-                run.detail = run.detail or f"exit code {code} after {minutes:.1f} min"
-                print(f"!! run {run.index} failed ({run.detail}); independent runs continue", flush=True)
         self.report(time.time() - start)
+        if not finished:
+            print("interrupted: run the same command again to continue", flush=True)
+            return 130
         return 1 if any(r.status == "failed" for r in self.runs) else 0
+
+    def threads_per_run(self) -> int:
+        from utils.distributed import available_cpus
+        return max(1, available_cpus() // max(1, len(self.slots) * (self.nproc if self.slots[0] is None else 1)))
+
+    def _launch(self, job: Job, slots: list) -> tuple[list[str], dict]:
+        run = self.runs[job.key - 1]
+        env = dict(os.environ)
+        if len(self.slots) > 1 or slots[0] is not None:  # side by side: each run its share of the cores
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads_per_run())
+        if slots[0] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(slots)
+        port = None
+        if self.nproc > 1 and (len(self.slots) > 1 or slots[0] is not None):
+            port = self._free_port()
+            env["MASTER_PORT"] = str(port)
+        return self.command(run, port), env
+
+    def _free_port(self) -> int:
+        """A port nobody listens on, not one handed to a run that is still starting."""
+        used = getattr(self, "_ports", set())
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in used:
+                self._ports = used | {port}
+                return port
+
+    def seconds_left(self, run: Run, job: Job) -> float | None:
+        """Epochs left times the mean epoch time logged so far by steps like it (same dataset, task and step
+        when there are any, else any step); None before any epoch time is known."""
+        times = self._epoch_times()
+        like = times.get((run.dataset, run.task, run.step)) or [t for ts in times.values() for t in ts]
+        if not like:
+            return None
+        epochs = run.opts["epochs"]
+        done = len(self._epochs_logged(self.log_path(run))) if job.status == "running" else 0
+        return max(epochs - done, 0) * sum(like) / len(like)
+
+    def _epoch_times(self) -> dict[tuple, list[float]]:
+        times = {}
+        for run in self.runs:
+            seconds = self._epochs_logged(self.log_path(run))
+            if seconds:
+                times.setdefault((run.dataset, run.task, run.step), []).extend(seconds)
+        return times
+
+    def _epochs_logged(self, path: Path) -> list[float]:
+        """Epoch times of a log file (of the last attempt); cached by file size."""
+        cache = self.__dict__.setdefault("_epoch_cache", {})
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return []
+        if cache.get(path, (None,))[0] != size:
+            text = path.read_text(encoding="utf-8", errors="replace").rsplit("=== started", 1)[-1]
+            cache[path] = (size, [float(m) for m in EPOCH_LINE.findall(text)])
+        return cache[path][1]
 
     def report(self, seconds: float) -> None:
         counts = {s: sum(r.status == s for r in self.runs) for s in ("ok", "done", "failed", "blocked")}
@@ -393,7 +528,8 @@ class Campaign:
         if failed:
             print("failed runs (re-run the campaign, or one of these commands, after fixing the cause):")
             for run in failed:
-                print(f"  [{run.index}] {run.describe()}: {run.detail}\n      {shlex.join(self.command(run))}")
+                log = f" (log {self.log_path(run)})" if self.log_path(run).is_file() else ""
+                print(f"  [{run.index}] {run.describe()}: {run.detail}{log}\n      {shlex.join(self.command(run))}")
 
     def results_files(self) -> list[Path]:
         """Results CSVs of the campaign's methods (not the shared step-0 runs) that exist."""
