@@ -20,15 +20,20 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 import tasks
 from argparser import parse_args
 from methods import METHODS, get_method_class
+from utils import slurm
+from utils.atomic_files import atomic_write
 from utils.checkpoint import checkpoint_path
 from utils.data_layout import DATASETS, dataset_dir, meta_file
 from utils.errors import UserError, exit_on_user_error
@@ -531,6 +536,176 @@ class Campaign:
                 log = f" (log {self.log_path(run)})" if self.log_path(run).is_file() else ""
                 print(f"  [{run.index}] {run.describe()}: {run.detail}{log}\n      {shlex.join(self.command(run))}")
 
+    # ---------------------------------------------------------------- SLURM
+    @property
+    def state_path(self) -> Path:
+        return self.out / "slurm_jobs.json"
+
+    def load_state(self) -> dict:
+        if not self.state_path.is_file():
+            return {"jobs": {}}
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            assert isinstance(state.get("jobs"), dict)
+            return state
+        except (OSError, ValueError, AssertionError) as err:
+            raise UserError(f"cannot read the campaign's job list {self.state_path} ({err}); cancel the campaign's "
+                            f"jobs (squeue -u $USER) and remove that file") from None
+
+    def save_state(self, state: dict) -> None:
+        atomic_write(self.state_path, lambda f: f.write(json.dumps(state, indent=1) + "\n"), binary=False)
+
+    @staticmethod
+    def run_key(run: Run) -> str:
+        return f"{run.dataset}/{run.task}/{run.split}/{run.effective}/step{run.step}"
+
+    @staticmethod
+    def job_name(run: Run) -> str:
+        who = "+".join(run.users) if run.shared else run.name
+        return f"{run.dataset}.{run.task}.{run.split}.{who}.s{run.seed}.step{run.step}"
+
+    def job_script(self, run: Run) -> str:
+        return "\n".join([
+            "#!/bin/bash",
+            f"# {run.describe()} (written by scripts/campaign.py --slurm)",
+            "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-${OMP_NUM_THREADS:-1}}",
+            'echo "=== started $(date +%Y-%m-%dT%H:%M:%S) job $SLURM_JOB_ID on $(hostname)'
+            ' (restart ${SLURM_RESTART_COUNT:-0})"',
+            "exec " + shlex.join(self.command(run)), ""])
+
+    def sbatch_options(self, run: Run, after: list[str]) -> list[str]:
+        log = self.out / "slurm" / f"{self.log_path(run).stem}_%j.log"
+        options = [f"--job-name={self.job_name(run)}", f"--output={log}", "--open-mode=append",
+                   f"--chdir={os.getcwd()}", "--nodes=1", "--ntasks=1", "--requeue", "--kill-on-invalid-dep=yes"]
+        if self.opts.slurm_signal and self.opts.slurm_signal != "none":
+            options.append(f"--signal=B:{self.opts.slurm_signal}")
+        if not self.on_cpu:
+            options.append(f"--gres=gpu:{self.nproc}")
+        if after:
+            options.append("--dependency=afterok:" + ":".join(after))
+        return options + shlex.split(self.opts.slurm_args)  # last: the user's options win
+
+    def active_jobs(self) -> dict[str, slurm.JobState]:
+        """Queued or running jobs of this campaign's job list (by run key); none without a job list."""
+        if not self.state_path.is_file():
+            return {}
+        jobs = self.load_state()["jobs"]
+        known = slurm.job_states(e["job_id"] for e in jobs.values())
+        return {key: known[e["job_id"]] for key, e in jobs.items()
+                if e["job_id"] in known and known[e["job_id"]].active}
+
+    def submit(self) -> int:
+        """sbatch every step to do that has no queued or running job; returns the number submitted."""
+        (self.out / "slurm").mkdir(parents=True, exist_ok=True)
+        state = self.load_state()
+        jobs = state["jobs"]
+        known = slurm.job_states(e["job_id"] for e in jobs.values())
+        job_of: dict[int, str] = {}  # run index -> its queued, running or new job
+        remade: set[int] = set()
+        submitted = 0
+        for run in self.runs:
+            if run.status == "done":
+                continue
+            key = self.run_key(run)
+            entry = jobs.get(key)
+            info = known.get(entry["job_id"]) if entry else None
+            if info is not None and info.active:
+                if not any(d in remade for d in run.deps):
+                    job_of[run.index] = entry["job_id"]
+                    continue
+                slurm.cancel([entry["job_id"]])  # it waits for (or used) a step that is trained again
+                why = f"job {entry['job_id']} cancelled: a step it needs is trained again"
+            elif entry is not None:
+                why = f"job {entry['job_id']} {self._ended(info)}"
+            else:
+                why = ""
+            after = [job_of[d] for d in run.deps if d in job_of]
+            job_id = slurm.submit(self.job_script(run), self.sbatch_options(run, after))
+            history = (entry or {}).get("history", []) + ([{"job_id": entry["job_id"], "end": why}] if entry else [])
+            jobs[key] = {"job_id": job_id, "job_name": self.job_name(run), "run": run.describe(), "after": after,
+                         "log": str(self.out / "slurm" / f"{self.log_path(run).stem}_{job_id}.log"),
+                         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "history": history}
+            self.save_state(state)  # at once: an interruption never loses a submitted job's id
+            job_of[run.index] = job_id
+            remade.add(run.index)
+            submitted += 1
+            again = f" (again: {why})" if why else ""
+            wait = f" after {' '.join(after)}" if after else ""
+            print(f"submitted job {job_id}{wait}: {run.describe()}{again}", flush=True)
+        waiting = sum(1 for r in self.runs if r.status != "done") - submitted
+        print(f"SLURM: {submitted} job(s) submitted, {waiting} already queued or running; job list {self.state_path}",
+              flush=True)
+        return submitted
+
+    @staticmethod
+    def _ended(info: slurm.JobState | None) -> str:
+        if info is None:
+            return "ended (SLURM no longer knows it) without finishing the step"
+        if info.reason == slurm.DEPENDENCY_FAILED:
+            return "not run: a job it needs failed"
+        return f"{info.state.lower()} (exit code {info.exit_code})" if info.exit_code else info.state.lower()
+
+    def follow(self, wait: bool) -> int:
+        """State of the submitted steps (until none is queued or running with `wait`); report; tables when all
+        are done."""
+        state = self.load_state()
+        jobs = state["jobs"]
+        pending = [r for r in self.runs if r.status != "done"]
+        bar = tqdm(total=len(pending), unit="job", dynamic_ncols=True, disable=None if wait else True)
+        start, shown = time.time(), {}
+        while True:
+            known = slurm.job_states(jobs[self.run_key(r)]["job_id"] for r in pending if self.run_key(r) in jobs)
+            for run in pending:
+                entry = jobs.get(self.run_key(run), {})
+                info = known.get(entry.get("job_id"))
+                if info is not None:
+                    entry.update(state=info.state, start=info.start_time, end=info.end_time)
+                if info is not None and info.active:
+                    run.status = "running" if info.state in ("RUNNING", "COMPLETING") else "queued"
+                    run.detail = f"job {info.job_id} {info.state.lower()}" + (
+                        f" ({info.reason})" if info.reason not in ("", "None") else "")
+                elif self.finished(run)[0]:
+                    run.status, run.detail = "ok", f"job {entry.get('job_id')}"
+                elif info is not None and info.reason == slurm.DEPENDENCY_FAILED:
+                    run.status, run.detail = "blocked", f"job {info.job_id} not run: a job it needs failed"
+                else:
+                    run.status, run.detail = "failed", f"job {entry.get('job_id')} {self._ended(info)}"
+                if wait and shown.get(run.index) != run.status and run.status in ("running", "ok", "failed"):
+                    tqdm.write(f"{run.status:<7} {run.describe()} ({run.detail})", file=sys.stdout)
+                shown[run.index] = run.status
+            counts = {s: sum(r.status == s for r in pending) for s in ("queued", "running", "ok", "failed", "blocked")}
+            bar.n = counts["ok"] + counts["failed"] + counts["blocked"]
+            bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in counts.items()), refresh=True)
+            if not wait or not counts["queued"] + counts["running"]:
+                break
+            time.sleep(self.opts.poll_s)
+        bar.close()
+        self.save_state(state)
+        return self.slurm_report(time.time() - start, counts)
+
+    def slurm_report(self, seconds: float, counts: dict) -> int:
+        done = sum(r.status == "done" for r in self.runs)
+        print(f"\nSLURM campaign: {done + counts['ok']} of {len(self.runs)} steps done, {counts['running']} running, "
+              f"{counts['queued']} queued, {counts['failed']} failed, {counts['blocked']} not run (they need a failed "
+              f"step)" + (f"; followed for {seconds / 60:.1f} min" if self.opts.wait else ""))
+        rerun = shlex.join([os.path.relpath(Path(__file__).resolve()), *self.argv])
+        jobs = self.load_state()["jobs"]
+        failed = [r for r in self.runs if r.status == "failed"]
+        if failed:
+            print("failed steps (their logs say why):")
+            for run in failed:
+                log = jobs.get(self.run_key(run), {}).get("log", "")
+                print(f"  [{run.index}] {run.describe()}: {run.detail} (log {log})\n"
+                      f"      {shlex.join(self.command(run))}")
+        if failed or counts["blocked"]:
+            print(f"after fixing the cause, resubmit the failed steps and those that need them with:\n  python {rerun}")
+            return 1
+        if counts["queued"] or counts["running"]:
+            print(f"follow with `squeue -u {os.environ.get('USER', '$USER')}` and the logs in {self.out / 'slurm'}; "
+                  f"run the same command again (add --wait to stay) to see where it stands and write the tables")
+            return 0
+        return 0
+
     def results_files(self) -> list[Path]:
         """Results CSVs of the campaign's methods (not the shared step-0 runs) that exist."""
         files = []
@@ -575,12 +750,23 @@ def main(argv=None) -> int:
     opts.overlap = opts.overlap or overlap
     opts.name = opts.name or name
     campaign = Campaign(opts, extra)
+    campaign.argv = argv
     campaign.print_plan(verbose=opts.dry_run or bool(opts.emit_commands))
     if opts.dry_run:
         return 0
     if opts.emit_commands:
         campaign.emit(opts.emit_commands)
         return 0
+    if opts.slurm:
+        campaign.submit()
+        code = campaign.follow(wait=opts.wait)
+        if all(r.status in ("done", "ok") for r in campaign.runs):
+            campaign.write_tables()
+        return code
+    busy = campaign.active_jobs() if shutil.which("squeue") else {}
+    if busy:
+        raise UserError(f"{len(busy)} step(s) of this campaign are queued or running as SLURM jobs (e.g. "
+                        f"{next(iter(busy))}): follow them with --slurm --wait, or cancel them (scancel) first")
     code = campaign.execute()
     if code != 130:  # not after Ctrl-C
         campaign.write_tables()
