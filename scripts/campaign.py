@@ -654,8 +654,9 @@ class Campaign:
         bar = tqdm(total=len(pending), unit="job", dynamic_ncols=True, disable=None if wait else True)
         start, shown = time.time(), {}
         while True:
-            known = slurm.job_states(jobs[self.run_key(r)]["job_id"] for r in pending if self.run_key(r) in jobs)
-            for run in pending:
+            open_runs = [r for r in pending if r.status not in ("ok", "failed", "blocked")]
+            known = slurm.job_states(jobs[self.run_key(r)]["job_id"] for r in open_runs if self.run_key(r) in jobs)
+            for run in open_runs:
                 entry = jobs.get(self.run_key(run), {})
                 info = known.get(entry.get("job_id"))
                 if info is not None:

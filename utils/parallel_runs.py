@@ -154,7 +154,7 @@ class ParallelRunner:
                 self._update(bar)
                 if not self.running:
                     break  # nothing runs, so nothing queued can start any more
-                time.sleep(self.poll_s)
+                self._sleep()
         finally:
             if self.running:
                 self._stop_all()
@@ -162,6 +162,12 @@ class ParallelRunner:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         return not self.signals
+
+    def _sleep(self) -> None:
+        """poll_s, cut short by a signal (so Ctrl-C stops the runs at once)."""
+        until = time.time() + self.poll_s
+        while not self.signals and time.time() < until:
+            time.sleep(0.02)
 
     def _update(self, bar) -> None:
         counts = {s: sum(j.status == s for j in self.jobs) for s in ("queued", "running", "ok", "failed", "blocked")}
