@@ -45,7 +45,7 @@ def test_slurm_campaign_dependencies_rerun_and_failure(data_root, tmp_path, slur
     assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
     assert "8 job(s) submitted, 0 already queued or running" in first.stdout
     assert "6 of 8 steps done, 0 running, 0 queued, 1 failed, 1 not run" in first.stdout
-    report = first.stdout.split("failed steps")[1]
+    report = first.stdout.split("failed steps (their logs say why):")[1]
     assert "vaihingen 4-1 disjoint seed 2 step 0: LWF-MC: job" in report and "failed (exit code 2:0)" in report
     assert "resubmit the failed steps and those that need them with:\n  python scripts/campaign.py" in report
     assert "--slurm --wait" in report.split("resubmit the failed steps")[1]
@@ -53,7 +53,7 @@ def test_slurm_campaign_dependencies_rerun_and_failure(data_root, tmp_path, slur
     blocked = jobs["vaihingen/4-1/disjoint/LWF-MC-s2/step1"]
     info = scontrol(blocked["job_id"])
     assert info["JobState"] == "CANCELLED" and info["Reason"] == "DependencyNeverSatisfied"
-    assert info["StartTime"] == "Unknown" and not Path(blocked["log"]).exists()  # it never ran
+    assert not Path(blocked["log"]).exists()  # it never ran
     assert not (tmp_path / "ckpt" / "step" / "4-1-vaihingen_LWF-MC-s2_1.pth").exists()
     # every job's name says what it trains; each step 1 waited for its step 0 and started after it ended
     assert scontrol(jobs["vaihingen/4-1/disjoint/FT-s2/step1"]["job_id"])["JobName"] == \
