@@ -96,6 +96,8 @@ def test_slurm_cancelled_step_is_resubmitted_and_ends_as_uninterrupted(data_root
     submitted = campaign(data_root, out, "--slurm", **one)
     assert submitted.returncode == 0 and "2 job(s) submitted" in submitted.stdout, submitted.stdout[-3000:]
     step1 = job_list(out)["vaihingen/4-1/disjoint/FT-s1/step1"]
+    local = campaign(data_root, out, **one)  # not while its steps are SLURM jobs
+    assert local.returncode == 2 and "queued or running as SLURM jobs" in local.stderr, local.stderr[-2000:]
     log = Path(step1["log"])
     deadline = time.time() + 600
     while time.time() < deadline and not (log.is_file() and "epoch 2/12:" in log.read_text()):

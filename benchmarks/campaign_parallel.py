@@ -1,0 +1,98 @@
+"""Wall time of one small campaign (2 methods x 2 seeds x the 2 steps of 4-1: 8 runs on synthetic
+Vaihingen, ResNet-18, crop 64) run one after the other vs --parallel 2, side by side in one invocation
+(interleaved rounds), and the same campaign through SLURM (--slurm --wait) with the scheduling overhead
+per job from SLURM's own times.
+
+    python benchmarks/campaign_parallel.py [--rounds 1] [--slurm] [--epochs 2]
+
+Sequential runs get every core (OMP_NUM_THREADS = cores); --parallel N gives each run cores / N. The SLURM
+part needs a cluster (bash scripts/local_slurm.sh start) and submits with --cpus-per-task 4, half of the
+8 CPUs the local node announces, so that two jobs run at once like --parallel 2.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from process_data.isprs_processing import VAIHINGEN, process_dataset
+from process_data.make_synthetic_isprs import generate
+from utils.distributed import available_cpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def campaign(data, out: Path, epochs: int, *own, threads: int) -> float:
+    args = [sys.executable, "scripts/campaign.py", "--data_root", str(data), "--tasks", "4-1",
+            "--methods", "FT", "LWF-MC", "--seeds", "1", "2", "--out", str(out / "campaign"), *own, "--",
+            "--backbone", "resnet18", "--no_pretrained", "--crop_size", "64", "--batch_size", "4",
+            "--epochs", str(epochs), "--num_workers", "0", "--norm_act", "iabn", "--val_interval", "100",
+            "--device", "cpu", "--checkpoint_dir", str(out / "ckpt"), "--results_dir", str(out / "results"),
+            "--logdir", str(out / "logs")]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0 or "8 trained" not in proc.stdout and "8 of 8 steps done" not in proc.stdout:
+        sys.exit(f"campaign failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def slurm_overhead(out: Path) -> tuple[list[float], list[float]]:
+    """(seconds from a job's eligibility to its start, job run seconds) from the campaign's job list."""
+    jobs = json.loads((out / "campaign" / "slurm_jobs.json").read_text())["jobs"]
+    by_id = {e["job_id"]: e for e in jobs.values()}
+
+    def t(text):
+        return datetime.fromisoformat(text).timestamp()
+
+    waits, runs = [], []
+    for entry in jobs.values():
+        eligible = max([t(entry["submitted_at"])] + [t(by_id[j]["end"]) for j in entry["after"]])
+        waits.append(t(entry["start"]) - eligible)
+        runs.append(t(entry["end"]) - t(entry["start"]))
+    return waits, runs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--slurm", action="store_true", help="also the campaign through SLURM")
+    args = parser.parse_args(argv)
+    cores = available_cpus()
+    work = Path(tempfile.mkdtemp(prefix="campaign-bench-"))
+    generate("vaihingen", work / "raw", seed=0, tile_size=180, n_train=3, n_test=2, object_scale=1.0)
+    process_dataset(VAIHINGEN, work / "raw", work / "data", crop_size=64, stride=64, seed=42, progress=False)
+    times = {"sequential": [], "parallel 2": []}
+    for r in range(args.rounds):
+        order = ["sequential", "parallel 2"] if r % 2 == 0 else ["parallel 2", "sequential"]
+        for kind in order:
+            out = work / f"{kind.replace(' ', '')}-{r}"
+            own = ["--parallel", "2"] if kind == "parallel 2" else []
+            times[kind].append(campaign(work / "data", out, args.epochs, *own, threads=cores))
+            print(f"round {r + 1}: {kind}: {times[kind][-1]:.1f} s", flush=True)
+    seq, par = (statistics.median(times[k]) for k in ("sequential", "parallel 2"))
+    load = os.getloadavg()[0]
+    print(f"8 runs, {cores} cores (load average {load:.2f}): sequential {seq:.1f} s, --parallel 2 {par:.1f} s, "
+          f"ratio {par / seq:.2f}")
+    if args.slurm:
+        out = work / "slurm"
+        cpus = max(1, 8 // 2)
+        wall = campaign(work / "data", out, args.epochs, "--slurm", "--wait", "--poll_s", "1",
+                        "--slurm_args", f"--cpus-per-task {cpus}", threads=cores)
+        waits, runs = slurm_overhead(out)
+        print(f"SLURM (--cpus-per-task {cpus} of the local node's 8: 2 jobs at once): wall {wall:.1f} s "
+              f"(vs --parallel 2 {par:.1f} s: {(wall - par) / 8:+.1f} s per job); eligible -> start: mean "
+              f"{statistics.mean(waits):.1f} s, max {max(waits):.0f} s (1 s resolution); job run time mean "
+              f"{statistics.mean(runs):.1f} s")
+    print(f"(work folder {work})")
+
+
+if __name__ == "__main__":
+    main()
