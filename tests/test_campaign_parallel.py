@@ -156,3 +156,42 @@ def test_parallel_equals_sequential_failure_blocks_dependants_sigint_resumes(dat
     assert "2 trained, 6 already done, 0 failed" in fourth.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())  # nothing trained twice
     _same_outputs(seq, par)
+
+
+def test_runner_blocks_only_dependants_and_estimates_time_left(tmp_path):
+    """utils/parallel_runs.py alone, with shell commands: a failure blocks its dependants (never launched),
+    an independent job still runs; the time left is the work spread over the jobs at once, never less
+    than the longest job."""
+    from utils.parallel_runs import Job, ParallelRunner
+
+    codes = {1: 3, 2: 0, 3: 0, 4: 0}  # job 1 fails; 2 needs 1, 4 needs 2; 3 is independent
+    needs = {2: [1], 4: [2]}
+    jobs = [Job(key=k, label=f"job {k}", log=tmp_path / f"{k}.log", deps=needs.get(k, [])) for k in codes]
+    launched = []
+
+    def launch(job, slots):
+        launched.append(job.key)
+        return ["sh", "-c", f"echo running {job.key}; exit {codes[job.key]}"], dict(os.environ)
+
+    runner = ParallelRunner(jobs, [None, None], 1, launch, poll_s=0.05)
+    assert runner.run()
+    assert {j.key: j.status for j in jobs} == {1: "failed", 2: "blocked", 3: "ok", 4: "blocked"}
+    assert sorted(launched) == [1, 3] and jobs[0].detail.startswith("exit code 3")
+    assert "running 1" in (tmp_path / "1.log").read_text() and "exit code 3" in (tmp_path / "1.log").read_text()
+
+    left = {1: 10.0, 2: 30.0, 3: 20.0}
+    waiting = [Job(key=k, label="", log=tmp_path / "x") for k in left]
+    runner = ParallelRunner(waiting, [None, None], 1, launch, seconds_left=lambda job: left[job.key])
+    assert runner.estimate_left() == 30.0  # max(60 / 2, 30)
+    left.update({2: 12.0, 3: 14.0})
+    assert runner.estimate_left() == 18.0  # 36 / 2
+    left[2] = None
+    assert runner.estimate_left() is None  # not known before an epoch time is logged
+
+
+def test_epoch_times_are_read_from_run_logs():
+    from scripts.campaign import EPOCH_LINE
+
+    log = ("=== started x\ntrain step 1 ...\nepoch 1/3: seg 2.0916, total 2.0916 (1.5s, lr 1.00e-03)\n"
+           "validation ...\nepoch 2/3: seg 1.9, pod 0.1, total 2.0 (12.25s, lr 5.00e-04)\n")
+    assert [float(x) for x in EPOCH_LINE.findall(log)] == [1.5, 12.25]
