@@ -565,16 +565,23 @@ class Campaign:
         return f"{run.dataset}.{run.task}.{run.split}.{who}.s{run.seed}.step{run.step}"
 
     def job_script(self, run: Run) -> str:
-        return "\n".join([
-            "#!/bin/bash",
-            f"# {run.describe()} (written by scripts/campaign.py --slurm)",
-            "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-${OMP_NUM_THREADS:-1}}",
-            'echo "=== started $(date +%Y-%m-%dT%H:%M:%S) job $SLURM_JOB_ID on $(hostname)'
-            ' (restart ${SLURM_RESTART_COUNT:-0})"',
-            "exec " + shlex.join(self.command(run)), ""])
+        """One process: exec'd, so it gets --slurm_signal itself. torchrun: the signal is passed on to its
+        workers (torchrun would die of it)."""
+        head = ["#!/bin/bash", f"# {run.describe()} (written by scripts/campaign.py --slurm)",
+                "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-${OMP_NUM_THREADS:-1}}",
+                'echo "=== started $(date +%Y-%m-%dT%H:%M:%S) job $SLURM_JOB_ID on $(hostname)'
+                ' (restart ${SLURM_RESTART_COUNT:-0})"']
+        command = shlex.join(self.command(run))
+        if self.nproc == 1:
+            return "\n".join([*head, "exec " + command, ""])
+        signal_name = (self.opts.slurm_signal or "none").split("@")[0]
+        forward = [f"trap 'pkill -{signal_name} -P $child' {signal_name}"] if signal_name != "none" else []
+        return "\n".join([*head, command + " &", "child=$!", *forward, 'wait "$child"; status=$?',
+                          'while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done',
+                          'exit "$status"', ""])
 
     def sbatch_options(self, run: Run, after: list[str]) -> list[str]:
-        log = self.out / "slurm" / f"{self.log_path(run).stem}_%j.log"
+        log = self.out.resolve() / "slurm" / f"{self.log_path(run).stem}_%j.log"
         options = [f"--job-name={self.job_name(run)}", f"--output={log}", "--open-mode=append",
                    f"--chdir={os.getcwd()}", "--nodes=1", "--ntasks=1", "--requeue", "--kill-on-invalid-dep=yes"]
         if self.opts.slurm_signal and self.opts.slurm_signal != "none":
@@ -609,12 +616,16 @@ class Campaign:
             key = self.run_key(run)
             entry = jobs.get(key)
             info = known.get(entry["job_id"]) if entry else None
+            command = shlex.join(self.command(run))
             if info is not None and info.active:
-                if not any(d in remade for d in run.deps):
+                if entry.get("command") != command:
+                    why = f"job {entry['job_id']} cancelled: the step's options changed"
+                elif any(d in remade for d in run.deps):
+                    why = f"job {entry['job_id']} cancelled: a step it needs is trained again"
+                else:
                     job_of[run.index] = entry["job_id"]
                     continue
-                slurm.cancel([entry["job_id"]])  # it waits for (or used) a step that is trained again
-                why = f"job {entry['job_id']} cancelled: a step it needs is trained again"
+                slurm.cancel([entry["job_id"]])
             elif entry is not None:
                 why = f"job {entry['job_id']} {self._ended(info)}"
             else:
@@ -622,8 +633,9 @@ class Campaign:
             after = [job_of[d] for d in run.deps if d in job_of]
             job_id = slurm.submit(self.job_script(run), self.sbatch_options(run, after))
             history = (entry or {}).get("history", []) + ([{"job_id": entry["job_id"], "end": why}] if entry else [])
-            jobs[key] = {"job_id": job_id, "job_name": self.job_name(run), "run": run.describe(), "after": after,
-                         "log": str(self.out / "slurm" / f"{self.log_path(run).stem}_{job_id}.log"),
+            jobs[key] = {"job_id": job_id, "job_name": self.job_name(run), "run": run.describe(), "command": command,
+                         "after": after,
+                         "log": str(self.out.resolve() / "slurm" / f"{self.log_path(run).stem}_{job_id}.log"),
                          "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "history": history}
             self.save_state(state)  # at once: an interruption never loses a submitted job's id
             job_of[run.index] = job_id
@@ -764,7 +776,11 @@ def main(argv=None) -> int:
         if all(r.status in ("done", "ok") for r in campaign.runs):
             campaign.write_tables()
         return code
-    busy = campaign.active_jobs() if shutil.which("squeue") else {}
+    try:
+        busy = campaign.active_jobs() if shutil.which("squeue") else {}
+    except UserError as err:  # SLURM unreachable from here: its jobs cannot be checked
+        print(f"warning: cannot check the campaign's SLURM jobs ({err})", flush=True)
+        busy = {}
     if busy:
         raise UserError(f"{len(busy)} step(s) of this campaign are queued or running as SLURM jobs (e.g. "
                         f"{next(iter(busy))}): follow them with --slurm --wait, or cancel them (scancel) first")
