@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the commands of the steps still to do, one per line in dependency order "
                              "(each line's trailing comment names the lines it needs), and exit")
     parser.add_argument("--out", default=None,
-                        help="folder for the tables and figures (default: <results_dir>/campaign)")
+                        help="the campaign's folder: tables, figures, run logs, SLURM job list "
+                             "(default: <results_dir>/campaign)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for run.py (default: this one)")
     side = parser.add_argument_group("runs side by side (default: one after the other)")
     side.add_argument("--parallel", type=int, default=1, metavar="N",

@@ -195,3 +195,22 @@ def test_epoch_times_are_read_from_run_logs():
     log = ("=== started x\ntrain step 1 ...\nepoch 1/3: seg 2.0916, total 2.0916 (1.5s, lr 1.00e-03)\n"
            "validation ...\nepoch 2/3: seg 1.9, pod 0.1, total 2.0 (12.25s, lr 5.00e-04)\n")
     assert [float(x) for x in EPOCH_LINE.findall(log)] == [1.5, 12.25]
+
+
+def test_side_by_side_options_refused_with_one_line(tmp_path, capsys):
+    import pytest
+
+    from scripts.campaign import main
+
+    cases = [(["--gpus", "0", "--gpus_per_run", "2"], "--gpus_per_run 2 needs at least that many GPUs"),
+             (["--gpus", "0,0"], "give distinct GPU ids"),
+             (["--parallel", "2", "--gpus", "0,1"], "give one of them"),
+             (["--wait"], "--wait follows SLURM jobs; add --slurm"),
+             (["--slurm", "--parallel", "2"], "with --slurm the cluster places the jobs"),
+             (["--gpus_per_run", "2"], "--gpus_per_run is for --gpus or --slurm"),
+             (["--gpus", "0,1", "--gpus_per_run", "2", "--nproc", "3"], "disagree")]
+    for own, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--data_root", str(tmp_path), "--tasks", "4-1", "--methods", "FT", "--dry_run", *own])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (own, err)
