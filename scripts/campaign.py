@@ -537,6 +537,26 @@ class Campaign:
                 log = f" (log {self.log_path(run)})" if self.log_path(run).is_file() else ""
                 print(f"  [{run.index}] {run.describe()}: {run.detail}{log}\n      {shlex.join(self.command(run))}")
 
+    def lock(self):
+        """An exclusive lock on the campaign's folder: two campaigns never train or submit the same steps."""
+        import fcntl
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        handle = open(self.out / ".campaign.lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"another campaign ({holder}) is running with the folder {self.out}; wait for it to "
+                            f"end (or stop it with Ctrl-C) before running this one") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        return handle
+
     # ---------------------------------------------------------------- SLURM
     @property
     def state_path(self) -> Path:
@@ -771,8 +791,10 @@ def main(argv=None) -> int:
     if opts.emit_commands:
         campaign.emit(opts.emit_commands)
         return 0
+    lock = campaign.lock()  # held until this process ends, however it ends
     if opts.slurm:
         campaign.submit()
+        lock.close()  # submitted: following the jobs needs no lock
         code = campaign.follow(wait=opts.wait)
         if all(r.status in ("done", "ok") for r in campaign.runs):
             campaign.write_tables()

@@ -214,3 +214,24 @@ def test_side_by_side_options_refused_with_one_line(tmp_path, capsys):
             main(["--data_root", str(tmp_path), "--tasks", "4-1", "--methods", "FT", "--dry_run", *own])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (own, err)
+
+
+def test_a_second_campaign_on_the_same_folder_is_refused(tmp_path, capsys):
+    import fcntl
+
+    import pytest
+
+    from scripts.campaign import main
+
+    folder = tmp_path / "campaign"
+    folder.mkdir()
+    with open(folder / ".campaign.lock", "w") as held:
+        held.write("pid 12345")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running campaign holds it
+        for own in ([], ["--parallel", "2"], ["--slurm"]):
+            with pytest.raises(SystemExit) as exit_info:
+                main(["--data_root", str(tmp_path), "--tasks", "4-1", "--methods", "FT", "--out", str(folder), *own])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and "another campaign (pid 12345) is running" in err, err
+    assert not (tmp_path / "ckpt").exists() and list(folder.iterdir()) == [folder / ".campaign.lock"]
