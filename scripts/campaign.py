@@ -71,7 +71,7 @@ class Run:
     argv: list[str] = field(default_factory=list)  # run.py options
     opts: dict = field(default_factory=dict)  # parsed, for the done check
     effective: str = ""  # the name run.py writes under (with -s<seed>)
-    status: str = "todo"  # todo | done | ok | failed | blocked
+    status: str = "todo"  # todo | done | ok | failed | blocked (| queued | running: SLURM jobs)
     detail: str = ""
 
     @property
