@@ -2,6 +2,7 @@
 
     python run.py --dataset vaihingen --task 4-1 --step 0 --method MiB ...
     torchrun --nproc_per_node=2 run.py ...          (or python -m torch.distributed.launch ...)
+    srun --ntasks-per-node=2 python run.py ...       (SLURM: one process group from SLURM's variables)
 """
 from __future__ import annotations
 
@@ -315,6 +316,10 @@ def run_step(opts, dist) -> dict:
                 f"({opts.name}, seed {opts.random_seed}); classes per step {classes}; {dist.world_size} process(es) "
                 f"on {dist.device}"
                 + (f" ({torch.get_num_threads()} threads each)" if dist.device.type == "cpu" else ""))
+    if dist.launcher == "srun" and dist.distributed:
+        logger.info(f"launched by srun: {dist.world_size} tasks on {dist.nodes} node(s) ({dist.local_world_size} on "
+                    f"this one) join one process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+                    f"(the first host of the job's nodes, a port from the job id)")
     # after init_distributed: iabn_sync synchronises over the process group when there is one (models.norm_act)
     logger.info(f"normalisation --norm_act {opts.norm_act}: {norm_act_factory(opts.norm_act).implementation}")
 
