@@ -58,6 +58,7 @@ from utils.errors import UserError, exit_on_user_error
 from utils.logger import Logger, write_task_curve
 from utils.metrics import format_table
 from utils.optimizer import make_optimizer
+from utils.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, parse_signals, requeue_slurm_job
 from utils.results import mark_pending, read_results, results_path, test_results_name, write_results
 from utils.scheduler import build_scheduler
 
@@ -271,10 +272,13 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_args(argv)
     opts.command_line = argv
+    signals = parse_signals(opts.preempt_signals) if not opts.test else []
     dist = init_distributed(opts.local_rank, opts.device, timeout_s=opts.dist_timeout)
+    preemption = Preemption(signals, dist.distributed, dist.control_group).install()
     try:
-        return run_step(opts, dist)
+        return run_step(opts, dist, preemption)
     finally:
+        preemption.uninstall()
         cleanup()
 
 
@@ -291,7 +295,7 @@ def check_outputs(opts, logdir, ckpt_path, last_path) -> None:
               flush=True)
 
 
-def run_step(opts, dist) -> dict:
+def run_step(opts, dist, preemption=None) -> dict:
     seed_everything(opts.random_seed)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick the fastest kernels
@@ -368,9 +372,14 @@ def run_step(opts, dist) -> dict:
     if opts.compile:
         train_model = compile_model(train_model, dist.device)
     trainer = Trainer(train_model, old_model, method, optimizer, scheduler, opts, dist, logger, input_norm=input_norm)
+    trainer.preemption = preemption
     stopper = EarlyStopping(opts.patience) if opts.patience else None
     resume = Resume(opts, dist, trainer, model, method, train_loader, last_path, logger, stopper)
-    epochs_run = train_epochs(opts, trainer, model, train_loader, val_loader, sum(classes), resume, stopper, logger)
+    try:
+        epochs_run = train_epochs(opts, trainer, model, train_loader, val_loader, sum(classes), resume, stopper,
+                                  logger)
+    except Preempted as stop:
+        stop_for_preemption(opts, dist, preemption, stop, last_path, logger)
 
     # 5. save
     check_finite_model(model, trainer)
@@ -436,8 +445,12 @@ def train_epochs(opts, trainer, model, train_loader, val_loader, num_seen, resum
     start_epoch, start_iter, resume_rng = resume.load()
     epochs_run = opts.epochs
     for epoch in range(start_epoch, opts.epochs):
-        trainer.train_epoch(train_loader, epoch, start_iter=start_iter, resume_rng=resume_rng,
-                            after_iteration=resume.after_iteration)
+        try:
+            trainer.train_epoch(train_loader, epoch, start_iter=start_iter, resume_rng=resume_rng,
+                                after_iteration=resume.after_iteration)
+        except Preempted as stop:
+            resume.save(stop.epoch, stop.iteration_in_epoch)
+            raise
         start_iter, resume_rng = 0, None
         last = epoch + 1 == opts.epochs
         # with --patience every validation counts (the last epoch's too); without, it is monitoring only
@@ -462,6 +475,8 @@ def train_epochs(opts, trainer, model, train_loader, val_loader, num_seen, resum
                     break
         if not last:  # after the last epoch the step checkpoint follows at once
             resume.save(epoch + 1, 0)
+            if trainer.preemption is not None and trainer.preemption.should_stop():
+                raise Preempted(epoch + 1, 0)
     if stopper is not None:
         if stopper.restore_best(model):
             logger.info(f"kept the weights of epoch {stopper.best_epoch} (best validation mIoU "
@@ -471,6 +486,22 @@ def train_epochs(opts, trainer, model, train_loader, val_loader, num_seen, resum
         else:
             logger.info("no validation gave a mIoU: the step checkpoint holds the last epoch")
     return epochs_run
+
+
+def stop_for_preemption(opts, dist, preemption, stop, last_path, logger):
+    """Every rank: after the resume checkpoint of `stop` is written, wait for all, requeue the SLURM job
+    (rank 0, when allowed) and exit with PREEMPTED_EXIT_CODE."""
+    barrier()  # the checkpoint is on disk before any rank exits (a launcher may kill the rest at the first exit)
+    where = f"after iteration {stop.iteration_in_epoch} of epoch {stop.epoch + 1}" if stop.iteration_in_epoch \
+        else f"after epoch {stop.epoch}"
+    logger.info(f"stopped by {preemption.decided.name} {where}; resume checkpoint {last_path} written: the same "
+                f"command continues from it (exit code {PREEMPTED_EXIT_CODE})")
+    if dist.rank == 0:
+        requeued = requeue_slurm_job(preemption.decided)
+        if requeued:
+            logger.info(requeued)
+    logger.close()
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def save_step(opts, dist, ckpt_path, model, optimizer, scheduler, method, classes, lineage, stopper, epochs_run,
@@ -537,7 +568,7 @@ def check_finite_model(model, trainer) -> None:
 # Options that may differ between a run and the resume checkpoint it continues from.
 RESUME_FREE = {"command_line", "local_rank", "no_resume", "dist_timeout", "print_interval", "sample_num",
                "num_workers", "logdir", "results_dir", "checkpoint_dir", "ckpt_interval", "data_root",
-               "allow_mismatch"}
+               "allow_mismatch", "preempt_signals"}
 
 
 class Resume:
