@@ -59,7 +59,14 @@ from utils.logger import Logger, write_task_curve
 from utils.metrics import format_table
 from utils.optimizer import make_optimizer
 from utils.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, parse_signals, requeue_slurm_job
-from utils.results import mark_pending, read_results, results_path, test_results_name, write_results
+from utils.results import (
+    environment_manifest,
+    mark_pending,
+    read_results,
+    results_path,
+    test_results_name,
+    write_results,
+)
 from utils.scheduler import build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -230,11 +237,18 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def manifest(opts, dist) -> dict:
+    """The run's reproducibility manifest (utils.results.environment_manifest)."""
+    return environment_manifest(dist.device, dist.world_size, dist.local_world_size, dist.nodes, dist.launcher,
+                                vars(opts))
+
+
 def run_record(opts, dist, kind: str, checkpoint: dict, previous: dict | None) -> dict:
     """What a results row records besides the numbers (utils/results.py)."""
     return {"kind": kind, "seed": opts.random_seed, "world_size": dist.world_size,
             "effective_batch_size": opts.batch_size * dist.world_size, "git_commit": git_commit(),
-            "debug": bool(opts.debug), "checkpoint": checkpoint, "previous_checkpoint": previous}
+            "debug": bool(opts.debug), "checkpoint": checkpoint, "previous_checkpoint": previous,
+            "manifest": manifest(opts, dist)}
 
 
 def test_and_report(model, opts, dist, test_loader, classes, logger, meta, record: dict, results_name: str) -> dict:
@@ -520,6 +534,7 @@ def save_step(opts, dist, ckpt_path, model, optimizer, scheduler, method, classe
         "opts": vars(opts),
         "input_channels": opts.in_channels,
         "lineage": lineage,
+        "manifest": manifest(opts, dist),
     })
     digest = file_sha256(ckpt_path)
     logger.info(f"saved {ckpt_path} (sha256 {digest[:12]})")
@@ -603,6 +618,7 @@ class Resume:
                 "iteration": trainer.iteration,
                 "rng_per_rank": rng,
                 "world_size": self.dist.world_size,
+                "manifest": manifest(self.opts, self.dist),
                 "opts": vars(self.opts),
             })
 

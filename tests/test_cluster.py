@@ -243,6 +243,7 @@ def test_signal_mid_epoch_stops_writes_the_checkpoint_and_the_rerun_is_bit_ident
     assert not _final(tmp_path).exists()
     state = torch.load(_last(tmp_path), map_location="cpu", weights_only=False)
     assert state["epoch"] == 1 and 0 < state["iteration_in_epoch"] < 9, "stop inside epoch 2"
+    assert state["manifest"]["torch"] == torch.__version__ and state["manifest"]["world_size"] == 1
     stopped = [line for line in stdout.splitlines() if line.startswith("stopped by SIGUSR1")]
     assert len(stopped) == 1 and f"iteration {state['iteration_in_epoch']} of epoch 2" in stopped[0]
     resumed = _run(cmd)
@@ -303,6 +304,12 @@ def test_two_torchrun_nodes_match_one_node_and_only_rank_0_writes(data_root, tmp
     assert not (tmp_path / "node1").exists() or not any((tmp_path / "node1").rglob("*"))
     assert outputs[0][0].count("results row of step 0 written") == 1 and "results row" not in outputs[1][0]
     _assert_same_weights(two_processes, tmp_path)
+    recorded = _manifest(tmp_path)
+    assert (recorded["nodes"], recorded["processes_per_node"], recorded["world_size"]) == (2, 1, 2)
+    assert recorded["bn_sync_group"] == 2 and recorded["launcher"] == "torchrun"  # in-place ABN sync spans nodes
+    assert recorded["effective_batch_size"] == 4 and recorded["device"] == "cpu" and recorded["gpu_count"] == 0
+    step = torch.load(_final(tmp_path), map_location="cpu", weights_only=False)
+    assert step["manifest"] == recorded
 
 
 @pytest.mark.parametrize("first, then", [("two_nodes", "one_node"), ("one_node", "two_nodes")])
@@ -344,6 +351,13 @@ def test_srun_two_tasks_train_one_step_identical_to_torchrun(slurm_cluster, data
     rows = (tmp_path / "results" / "vaihingen_4-1_FT.csv").read_text().splitlines()
     assert len(rows) == 2  # header and one step
     _assert_same_weights(two_processes, tmp_path)
+    recorded = _manifest(tmp_path)
+    assert (recorded["launcher"], recorded["world_size"], recorded["nodes"]) == ("srun", 2, 1)
+
+
+def _manifest(out) -> dict:
+    import json
+    return json.loads((out / "results" / "vaihingen_4-1_FT.json").read_text())["steps"]["0"]["manifest"]
 
 
 def _job_fields(job: str) -> dict:
