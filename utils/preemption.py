@@ -42,8 +42,7 @@ def parse_signals(text: str) -> list[signal.Signals]:
 
 
 class Preemption:
-    """Catches the given signals (the first one only sets a flag; a second of the same kind has its
-    default effect at once) and answers, collectively, whether any rank got one.
+    """Catches the given signals (they only set a flag) and answers, collectively, whether any rank got one.
 
     `should_stop` is a collective when `distributed`: every rank must call it at the same points. It
     all-reduces one integer on the CPU (through `group`: gloo next to nccl), so all ranks take the same
@@ -67,11 +66,10 @@ class Preemption:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # asked twice: do what the signal does by default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.received = signal.Signals(signum)
+        # Repeats change nothing: a signal may come from SLURM and from torchrun's agent both. A run that
+        # does not stop is ended by the launcher's SIGKILL after its grace period.
+        if self.received is None:
+            self.received = signal.Signals(signum)
 
     def should_stop(self) -> bool:
         """Whether any rank got a stop signal; `decided` then holds it (the highest number where ranks got
