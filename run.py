@@ -662,7 +662,8 @@ class Resume:
         saved = state.get("opts", {})
         if state.get("world_size") != self.dist.world_size:
             raise UserError(f"{self.path} was written by {state.get('world_size')} process(es), this run has "
-                            f"{self.dist.world_size}; run with the same number of processes or pass --no_resume")
+                            f"{self.dist.world_size} (another effective batch and split of the data); run with the "
+                            f"same number of processes, on any number of nodes, or pass --no_resume")
         ours = vars(self.opts)
         changed = [k for k in sorted(set(saved) | set(ours)) if k not in RESUME_FREE and saved.get(k) != ours.get(k)]
         if changed:

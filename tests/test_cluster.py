@@ -17,6 +17,7 @@ from utils.distributed import (
     choose_device,
     expand_hostlist,
     expand_tasks_per_node,
+    relaunch_command,
     slurm_launch_env,
     slurm_port,
 )
@@ -91,6 +92,18 @@ def test_more_srun_tasks_than_gpus_is_one_line_naming_srun():
     device = choose_device("auto", 3, 4, cuda_built=True, gpu_count=1, driver_present=True, visible_devices="3",
                            launcher="srun", own_gpus=True)
     assert device == torch.device("cuda", 0)
+    # --gpus-per-task with every GPU visible to every task: the local rank's
+    device = choose_device("auto", 3, 4, cuda_built=True, gpu_count=4, driver_present=True, visible_devices=None,
+                           launcher="srun", own_gpus=True)
+    assert device == torch.device("cuda", 3)
+
+
+def test_hints_relaunch_srun_tasks_with_srun():
+    env = {"SLURM_STEP_ID": "0", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "RANK": "5"}
+    assert relaunch_command(["--step", "1"], env=env) == ["srun", "--nodes=2", "--ntasks-per-node=4", "python",
+                                                          "run.py", "--step", "1"]
+    under_torchrun = {**env, "TORCHELASTIC_RUN_ID": "x"}
+    assert relaunch_command([], env=under_torchrun)[:3] == ["torchrun", "--nproc_per_node=4", "--nnodes=2"]
 
 
 def test_parse_signals():

@@ -50,13 +50,14 @@ def choose_device(choice: str, local_rank: int, local_world_size: int, *, cuda_b
 
     auto: the local rank's GPU when GPUs are visible, else the CPU, unless the machine plainly has GPUs
     that this process cannot see (torch built with CUDA and a driver present, or CUDA_VISIBLE_DEVICES
-    set): training days on the CPU by mistake are worse than an error. `own_gpus`: the launcher gave this
-    process GPUs of its own (srun --gpus-per-task), so it takes the first one it sees.
+    set): training days on the CPU by mistake are worse than an error. `own_gpus`: the launcher may have
+    given each process GPUs of its own (srun --gpus-per-task): when it sees fewer than the node's
+    processes, it takes the first one it sees.
     """
     if choice == "cpu":
         return torch.device("cpu")
     if gpu_count > 0:
-        if own_gpus:
+        if own_gpus and (local_world_size > gpu_count or local_rank >= gpu_count):
             return torch.device("cuda", 0)
         if local_world_size > gpu_count or local_rank >= gpu_count:
             fix = ("srun --ntasks-per-node" if launcher == "srun" else "--nproc_per_node")
@@ -377,8 +378,9 @@ def relaunch_command(argv: list[str], script: str = "run.py", env=None) -> list[
     """The command line that started this process, as a user would type it again (for hints).
 
     Keeps the launcher (`torchrun --nproc_per_node=N` when started by torchrun, `python -m
-    torch.distributed.launch --nproc_per_node=N` when the old launcher passed --local_rank) and drops
-    --local_rank / --local-rank, which the launcher adds itself.
+    torch.distributed.launch --nproc_per_node=N` when the old launcher passed --local_rank, `srun
+    --nodes=M --ntasks-per-node=N` for srun's tasks) and drops --local_rank / --local-rank, which the
+    launcher adds itself.
     """
     env = os.environ if env is None else env
     kept, skip, old_launcher = [], False, False
@@ -395,6 +397,9 @@ def relaunch_command(argv: list[str], script: str = "run.py", env=None) -> list[
     per_node = int(env.get("LOCAL_WORLD_SIZE") or world_size)
     if world_size <= 1 and not old_launcher:
         return ["python", script, *kept]
+    if env.get("SLURM_STEP_ID") is not None and not env.get("TORCHELASTIC_RUN_ID") and not old_launcher:
+        nodes = max(1, world_size // max(per_node, 1))
+        return ["srun", f"--nodes={nodes}", f"--ntasks-per-node={per_node}", "python", script, *kept]
     launcher = ["python", "-m", "torch.distributed.launch"] if old_launcher else ["torchrun"]
     launcher.append(f"--nproc_per_node={per_node}")
     if world_size > per_node:
