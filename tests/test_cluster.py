@@ -378,15 +378,22 @@ def _job_fields(job: str) -> dict:
     return dict(part.split("=", 1) for part in shown.split() if "=" in part)
 
 
-def test_sbatch_job_signalled_ahead_of_its_end_requeues_and_finishes(slurm_cluster, data_root, tmp_path,
-                                                                    one_process):
+@pytest.mark.parametrize("launch", ["exec", "srun"])
+def test_sbatch_job_signalled_ahead_of_its_end_requeues_and_finishes(slurm_cluster, data_root, tmp_path, launch,
+                                                                    request):
+    """`exec`: one process that is the batch shell, signalled as --signal=B:USR1@S would (scancel --batch);
+    `srun`: two srun tasks, signalled as --signal=USR1@S would (every task of the job step). Either way the
+    job stops, requeues itself, starts again, resumes and ends as an uninterrupted run."""
+    reference = request.getfixturevalue("one_process" if launch == "exec" else "two_processes")
     script = tmp_path / "job.sh"
     args = " ".join(run_args(data_root, tmp_path, 0, extra=EXTRA))
-    script.write_text(f"#!/bin/bash\nexec {sys.executable} run.py {args}\n")
+    command = f"exec {sys.executable}" if launch == "exec" else f"srun --kill-on-bad-exit=1 {sys.executable}"
+    script.write_text(f"#!/bin/bash\n{command} run.py {args}\n")
     log = tmp_path / "job.log"
+    signal_option = "--signal=B:USR1@30" if launch == "exec" else "--signal=USR1@30"
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "-p", slurm_cluster, "-n", "1", "--requeue", "--signal=B:USR1@30",
-         "--open-mode=append", "-o", str(log), "-D", str(ROOT), "--export=ALL", str(script)],
+        ["sbatch", "--parsable", "-p", slurm_cluster, "-n", "1" if launch == "exec" else "2", "--requeue",
+         signal_option, "--open-mode=append", "-o", str(log), "-D", str(ROOT), "--export=ALL", str(script)],
         env=_env(), capture_output=True, text=True, check=True)
     job = submitted.stdout.strip().split(";")[0]
     try:
@@ -396,7 +403,8 @@ def test_sbatch_job_signalled_ahead_of_its_end_requeues_and_finishes(slurm_clust
                 log.read_text()[-3000:] if log.exists() else _job_fields(job)
             time.sleep(0.05)
         # what SLURM sends --signal's time before the limit, sent now
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+        target = ["--batch"] if launch == "exec" else []
+        subprocess.run(["scancel", "--signal=USR1", *target, job], check=True)
         while _job_fields(job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             assert time.time() < deadline, _job_fields(job)
             time.sleep(0.5)
@@ -405,6 +413,16 @@ def test_sbatch_job_signalled_ahead_of_its_end_requeues_and_finishes(slurm_clust
         subprocess.run(["scancel", job], capture_output=True)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED" and fields.get("Restarts") == "1", (fields, text[-3000:])
-    assert "stopped by SIGUSR1" in text and f"SLURM job {job} requeued" in text, text[-3000:]
+    assert text.count("stopped by SIGUSR1") == 1 and f"SLURM job {job} requeued" in text, text[-3000:]
     assert text.count("resuming from") == 1
-    _assert_same_weights(one_process, tmp_path)
+    _assert_same_weights(reference, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ GPU check
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the check would run")
+def test_gpu_check_refuses_without_a_gpu_in_one_line():
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=dict(_env(), PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: gpu_check needs a CUDA GPU") and "--device cpu" in err[0]
