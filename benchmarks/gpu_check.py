@@ -174,7 +174,7 @@ def check_resume(ctx):
                        weights_only=False)["model"] for o in (straight, out))
     diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
     return "ok", (f"stopped at epoch {state['epoch'] + 1} iteration {state['iteration_in_epoch']}, resumed; "
-                  f"max |dw| vs uninterrupted {diff:.2e}" + (" (cudnn.benchmark)" if diff else " (identical)"))
+                  f"largest weight difference to an uninterrupted run {diff:.2e}" + (" (cudnn.benchmark)" if diff else " (identical)"))
 
 
 MEMORY_PROBE = r"""
