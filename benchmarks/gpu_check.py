@@ -173,8 +173,9 @@ def check_resume(ctx):
     a, b = (torch.load(o / "ckpt" / "step" / "4-1-vaihingen_FT_0.pth", map_location="cpu",
                        weights_only=False)["model"] for o in (straight, out))
     diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    why = " (cudnn.benchmark)" if diff else " (identical)"
     return "ok", (f"stopped at epoch {state['epoch'] + 1} iteration {state['iteration_in_epoch']}, resumed; "
-                  f"largest weight difference to an uninterrupted run {diff:.2e}" + (" (cudnn.benchmark)" if diff else " (identical)"))
+                  f"largest weight difference to an uninterrupted run {diff:.2e}{why}")
 
 
 MEMORY_PROBE = r"""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,10 @@ class Preemption:
         self._previous: dict = {}
 
     def install(self) -> Preemption:
+        """Catch the signals (Python allows it in the main thread only: elsewhere, e.g. a run started from a
+        thread, nothing is caught)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
