@@ -60,6 +60,7 @@ from utils.metrics import format_table
 from utils.optimizer import make_optimizer
 from utils.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, parse_signals, requeue_slurm_job
 from utils.results import (
+    POOLING_KEYS,
     environment_manifest,
     mark_pending,
     read_results,
@@ -638,6 +639,7 @@ class Resume:
             return 0, 0, None
         state = load_checkpoint(self.path)
         self._check_same_run(state)
+        self._warn_other_environment(state.get("manifest"))
         trainer = self.trainer
         self.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
@@ -670,6 +672,16 @@ class Resume:
             k = changed[0]
             raise UserError(f"{self.path} was written with --{k} {saved.get(k)}, this run has --{k} {ours.get(k)}; "
                             f"re-run the same command to resume, or pass --no_resume to start the step over")
+
+    def _warn_other_environment(self, saved: dict | None) -> None:
+        """A requeued or restarted job may land on other machines: say what differs from the part trained
+        before (the numbers of the step may then differ from an uninterrupted run's)."""
+        if not saved:
+            return
+        ours = manifest(self.opts, self.dist)
+        changed = [f"{k} {saved.get(k)} -> {ours.get(k)}" for k in POOLING_KEYS if k in saved and saved[k] != ours[k]]
+        if changed:
+            self.logger.info(f"warning: {self.path} was written in another environment: {'; '.join(changed)}")
 
     def remove(self) -> None:
         try:

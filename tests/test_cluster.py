@@ -265,6 +265,27 @@ def test_signal_mid_epoch_stops_writes_the_checkpoint_and_the_rerun_is_bit_ident
     _assert_same_weights(one_process, tmp_path)
 
 
+def test_resume_in_another_environment_says_what_differs(data_root, tmp_path):
+    """A requeued job may land on another machine: the resumed run names what differs (here: torch)."""
+    cmd = [sys.executable, "run.py", *run_args(data_root, tmp_path, 0, extra=[*EXTRA, "--epochs", "1",
+                                                                              "--ckpt_interval", "3"])]
+    proc = _start(cmd)
+    try:
+        _wait_for(_last(tmp_path), [proc])
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=300)
+    finally:
+        _kill_all([proc], tmp_path)
+    assert proc.returncode == PREEMPTED_EXIT_CODE
+    state = torch.load(_last(tmp_path), map_location="cpu", weights_only=False)
+    state["manifest"]["torch"] = "1.13.1"
+    torch.save(state, _last(tmp_path))
+    resumed = _run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warned = [line for line in resumed.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and f"torch 1.13.1 -> {torch.__version__}" in warned[0], resumed.stdout[-2000:]
+
+
 def test_sigterm_to_one_rank_stops_both_at_one_iteration(data_root, tmp_path, free_port, two_processes):
     """Only rank 1 gets SIGTERM: the all-reduced flag stops rank 0 at the same iteration (no rank waits in a
     collective), both exit 75 after the checkpoint is written, and the re-run ends where an uninterrupted
