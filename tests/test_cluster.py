@@ -244,10 +244,12 @@ def two_processes(data_root, tmp_path_factory):
 # ------------------------------------------------------------------------------------------------ pre-emption
 def test_signal_mid_epoch_stops_writes_the_checkpoint_and_the_rerun_is_bit_identical(data_root, tmp_path,
                                                                                     one_process):
-    cmd = [sys.executable, "run.py", *run_args(data_root, tmp_path, 0, extra=EXTRA)]
+    # --ckpt_interval changes nothing in training: its first checkpoint (iteration 3 of 9) says the run is
+    # inside epoch 1, and the signal sent then stops it after iteration 3 or 4
+    cmd = [sys.executable, "run.py", *run_args(data_root, tmp_path, 0, extra=[*EXTRA, "--ckpt_interval", "3"])]
     proc = _start(cmd)
     try:
-        _wait_for(_last(tmp_path), [proc])  # epoch 1's checkpoint: the signal lands in epoch 2
+        _wait_for(_last(tmp_path), [proc])
         proc.send_signal(signal.SIGUSR1)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
@@ -255,10 +257,10 @@ def test_signal_mid_epoch_stops_writes_the_checkpoint_and_the_rerun_is_bit_ident
     assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
     assert not _final(tmp_path).exists()
     state = torch.load(_last(tmp_path), map_location="cpu", weights_only=False)
-    assert state["epoch"] == 1 and 0 < state["iteration_in_epoch"] < 9, "stop inside epoch 2"
+    assert state["epoch"] == 0 and 3 <= state["iteration_in_epoch"] < 9, "stop inside epoch 1"
     assert state["manifest"]["torch"] == torch.__version__ and state["manifest"]["world_size"] == 1
     stopped = [line for line in stdout.splitlines() if line.startswith("stopped by SIGUSR1")]
-    assert len(stopped) == 1 and f"iteration {state['iteration_in_epoch']} of epoch 2" in stopped[0]
+    assert len(stopped) == 1 and f"iteration {state['iteration_in_epoch']} of epoch 1" in stopped[0]
     resumed = _run(cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"iteration {state['iteration_in_epoch'] + 1} (" in resumed.stdout
@@ -290,9 +292,10 @@ def test_sigterm_to_one_rank_stops_both_at_one_iteration(data_root, tmp_path, fr
     """Only rank 1 gets SIGTERM: the all-reduced flag stops rank 0 at the same iteration (no rank waits in a
     collective), both exit 75 after the checkpoint is written, and the re-run ends where an uninterrupted
     run ends."""
-    proc = _start(_one_node(data_root, tmp_path, free_port))
+    cmd = _one_node(data_root, tmp_path, free_port) + ["--ckpt_interval", "2"]  # 4 iterations per epoch
+    proc = _start(cmd)
     try:
-        _wait_for(_last(tmp_path), [proc])
+        _wait_for(_last(tmp_path), [proc])  # iteration 2 of epoch 1: the stop follows inside the epoch
         os.kill(_worker(proc.pid, 1), signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
@@ -300,7 +303,7 @@ def test_sigterm_to_one_rank_stops_both_at_one_iteration(data_root, tmp_path, fr
     assert "exitcode: 75" in stderr and "exitcode: -" not in stderr, stderr[-3000:]
     assert "stopped by SIGTERM" in stdout
     state = torch.load(_last(tmp_path), map_location="cpu", weights_only=False)
-    assert state["epoch"] == 1 and 0 < state["iteration_in_epoch"] < 4
+    assert state["epoch"] == 0 and 2 <= state["iteration_in_epoch"] < 4
     resumed = _run(_one_node(data_root, tmp_path, free_port))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
