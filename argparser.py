@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     _str2bool_flag(g, "--no_resume", help="start the step over even if its last (resume) checkpoint exists")
     g.add_argument("--ckpt_interval", type=int, default=0,
                    help="also write the resume checkpoint every N iterations (0: only at the end of each epoch)")
+    g.add_argument("--preempt_signals", default="TERM,USR1",
+                   help="signals that make training stop at the next iteration (all ranks together), write the "
+                        "resume checkpoint and exit with code 75; a SLURM batch job allowed to requeue is requeued "
+                        "after USR1/USR2 (docs/clusters.md); empty: none")
     _str2bool_flag(g, "--allow_mismatch", help="only warn when a loaded checkpoint was trained with another "
                                                "backbone/output_stride/norm_act/task/split/dataset")
     g.add_argument("--dist_timeout", type=float, default=300.0,

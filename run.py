@@ -2,6 +2,7 @@
 
     python run.py --dataset vaihingen --task 4-1 --step 0 --method MiB ...
     torchrun --nproc_per_node=2 run.py ...          (or python -m torch.distributed.launch ...)
+    srun --ntasks-per-node=2 python run.py ...       (SLURM: one process group from SLURM's variables)
 """
 from __future__ import annotations
 
@@ -56,7 +57,16 @@ from utils.errors import UserError, exit_on_user_error
 from utils.logger import Logger, write_task_curve
 from utils.metrics import format_table
 from utils.optimizer import make_optimizer
-from utils.results import mark_pending, read_results, results_path, test_results_name, write_results
+from utils.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, parse_signals, requeue_slurm_job
+from utils.results import (
+    POOLING_KEYS,
+    environment_manifest,
+    mark_pending,
+    read_results,
+    results_path,
+    test_results_name,
+    write_results,
+)
 from utils.scheduler import build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -227,11 +237,18 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def manifest(opts, dist) -> dict:
+    """The run's reproducibility manifest (utils.results.environment_manifest)."""
+    return environment_manifest(dist.device, dist.world_size, dist.local_world_size, dist.nodes, dist.launcher,
+                                vars(opts))
+
+
 def run_record(opts, dist, kind: str, checkpoint: dict, previous: dict | None) -> dict:
     """What a results row records besides the numbers (utils/results.py)."""
     return {"kind": kind, "seed": opts.random_seed, "world_size": dist.world_size,
             "effective_batch_size": opts.batch_size * dist.world_size, "git_commit": git_commit(),
-            "debug": bool(opts.debug), "checkpoint": checkpoint, "previous_checkpoint": previous}
+            "debug": bool(opts.debug), "checkpoint": checkpoint, "previous_checkpoint": previous,
+            "manifest": manifest(opts, dist)}
 
 
 def test_and_report(model, opts, dist, test_loader, classes, logger, meta, record: dict, results_name: str) -> dict:
@@ -270,10 +287,13 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_args(argv)
     opts.command_line = argv
+    signals = parse_signals(opts.preempt_signals) if not opts.test else []
     dist = init_distributed(opts.local_rank, opts.device, timeout_s=opts.dist_timeout)
+    preemption = Preemption(signals, dist.distributed, dist.control_group).install()
     try:
-        return run_step(opts, dist)
+        return run_step(opts, dist, preemption)
     finally:
+        preemption.uninstall()
         cleanup()
 
 
@@ -290,7 +310,7 @@ def check_outputs(opts, logdir, ckpt_path, last_path) -> None:
               flush=True)
 
 
-def run_step(opts, dist) -> dict:
+def run_step(opts, dist, preemption=None) -> dict:
     seed_everything(opts.random_seed)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick the fastest kernels
@@ -315,6 +335,10 @@ def run_step(opts, dist) -> dict:
                 f"({opts.name}, seed {opts.random_seed}); classes per step {classes}; {dist.world_size} process(es) "
                 f"on {dist.device}"
                 + (f" ({torch.get_num_threads()} threads each)" if dist.device.type == "cpu" else ""))
+    if dist.launcher == "srun" and dist.distributed:
+        logger.info(f"launched by srun: {dist.world_size} tasks on {dist.nodes} node(s) ({dist.local_world_size} on "
+                    f"this one) join one process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+                    f"(the first host of the job's nodes, a port from the job id)")
     # after init_distributed: iabn_sync synchronises over the process group when there is one (models.norm_act)
     logger.info(f"normalisation --norm_act {opts.norm_act}: {norm_act_factory(opts.norm_act).implementation}")
 
@@ -363,9 +387,14 @@ def run_step(opts, dist) -> dict:
     if opts.compile:
         train_model = compile_model(train_model, dist.device)
     trainer = Trainer(train_model, old_model, method, optimizer, scheduler, opts, dist, logger, input_norm=input_norm)
+    trainer.preemption = preemption
     stopper = EarlyStopping(opts.patience) if opts.patience else None
     resume = Resume(opts, dist, trainer, model, method, train_loader, last_path, logger, stopper)
-    epochs_run = train_epochs(opts, trainer, model, train_loader, val_loader, sum(classes), resume, stopper, logger)
+    try:
+        epochs_run = train_epochs(opts, trainer, model, train_loader, val_loader, sum(classes), resume, stopper,
+                                  logger)
+    except Preempted as stop:
+        stop_for_preemption(opts, dist, preemption, stop, last_path, logger)
 
     # 5. save
     check_finite_model(model, trainer)
@@ -431,8 +460,12 @@ def train_epochs(opts, trainer, model, train_loader, val_loader, num_seen, resum
     start_epoch, start_iter, resume_rng = resume.load()
     epochs_run = opts.epochs
     for epoch in range(start_epoch, opts.epochs):
-        trainer.train_epoch(train_loader, epoch, start_iter=start_iter, resume_rng=resume_rng,
-                            after_iteration=resume.after_iteration)
+        try:
+            trainer.train_epoch(train_loader, epoch, start_iter=start_iter, resume_rng=resume_rng,
+                                after_iteration=resume.after_iteration)
+        except Preempted as stop:
+            resume.save(stop.epoch, stop.iteration_in_epoch)
+            raise
         start_iter, resume_rng = 0, None
         last = epoch + 1 == opts.epochs
         # with --patience every validation counts (the last epoch's too); without, it is monitoring only
@@ -457,6 +490,8 @@ def train_epochs(opts, trainer, model, train_loader, val_loader, num_seen, resum
                     break
         if not last:  # after the last epoch the step checkpoint follows at once
             resume.save(epoch + 1, 0)
+            if trainer.preemption is not None and trainer.preemption.should_stop():
+                raise Preempted(epoch + 1, 0)
     if stopper is not None:
         if stopper.restore_best(model):
             logger.info(f"kept the weights of epoch {stopper.best_epoch} (best validation mIoU "
@@ -466,6 +501,22 @@ def train_epochs(opts, trainer, model, train_loader, val_loader, num_seen, resum
         else:
             logger.info("no validation gave a mIoU: the step checkpoint holds the last epoch")
     return epochs_run
+
+
+def stop_for_preemption(opts, dist, preemption, stop, last_path, logger):
+    """Every rank: after the resume checkpoint of `stop` is written, wait for all, requeue the SLURM job
+    (rank 0, when allowed) and exit with PREEMPTED_EXIT_CODE."""
+    barrier()  # the checkpoint is on disk before any rank exits (a launcher may kill the rest at the first exit)
+    where = f"after iteration {stop.iteration_in_epoch} of epoch {stop.epoch + 1}" if stop.iteration_in_epoch \
+        else f"after epoch {stop.epoch}"
+    logger.info(f"stopped by {preemption.decided.name} {where}; resume checkpoint {last_path} written: the same "
+                f"command continues from it (exit code {PREEMPTED_EXIT_CODE})")
+    if dist.rank == 0:
+        requeued = requeue_slurm_job(preemption.decided)
+        if requeued:
+            logger.info(requeued)
+    logger.close()
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def save_step(opts, dist, ckpt_path, model, optimizer, scheduler, method, classes, lineage, stopper, epochs_run,
@@ -484,6 +535,7 @@ def save_step(opts, dist, ckpt_path, model, optimizer, scheduler, method, classe
         "opts": vars(opts),
         "input_channels": opts.in_channels,
         "lineage": lineage,
+        "manifest": manifest(opts, dist),
     })
     digest = file_sha256(ckpt_path)
     logger.info(f"saved {ckpt_path} (sha256 {digest[:12]})")
@@ -532,7 +584,7 @@ def check_finite_model(model, trainer) -> None:
 # Options that may differ between a run and the resume checkpoint it continues from.
 RESUME_FREE = {"command_line", "local_rank", "no_resume", "dist_timeout", "print_interval", "sample_num",
                "num_workers", "logdir", "results_dir", "checkpoint_dir", "ckpt_interval", "data_root",
-               "allow_mismatch"}
+               "allow_mismatch", "preempt_signals"}
 
 
 class Resume:
@@ -567,6 +619,7 @@ class Resume:
                 "iteration": trainer.iteration,
                 "rng_per_rank": rng,
                 "world_size": self.dist.world_size,
+                "manifest": manifest(self.opts, self.dist),
                 "opts": vars(self.opts),
             })
 
@@ -586,6 +639,7 @@ class Resume:
             return 0, 0, None
         state = load_checkpoint(self.path)
         self._check_same_run(state)
+        self._warn_other_environment(state.get("manifest"))
         trainer = self.trainer
         self.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
@@ -610,13 +664,24 @@ class Resume:
         saved = state.get("opts", {})
         if state.get("world_size") != self.dist.world_size:
             raise UserError(f"{self.path} was written by {state.get('world_size')} process(es), this run has "
-                            f"{self.dist.world_size}; run with the same number of processes or pass --no_resume")
+                            f"{self.dist.world_size} (another effective batch and split of the data); run with the "
+                            f"same number of processes, on any number of nodes, or pass --no_resume")
         ours = vars(self.opts)
         changed = [k for k in sorted(set(saved) | set(ours)) if k not in RESUME_FREE and saved.get(k) != ours.get(k)]
         if changed:
             k = changed[0]
             raise UserError(f"{self.path} was written with --{k} {saved.get(k)}, this run has --{k} {ours.get(k)}; "
                             f"re-run the same command to resume, or pass --no_resume to start the step over")
+
+    def _warn_other_environment(self, saved: dict | None) -> None:
+        """A requeued or restarted job may land on other machines: say what differs from the part trained
+        before (the numbers of the step may then differ from an uninterrupted run's)."""
+        if not saved:
+            return
+        ours = manifest(self.opts, self.dist)
+        changed = [f"{k} {saved.get(k)} -> {ours.get(k)}" for k in POOLING_KEYS if k in saved and saved[k] != ours[k]]
+        if changed:
+            self.logger.info(f"warning: {self.path} was written in another environment: {'; '.join(changed)}")
 
     def remove(self) -> None:
         try:

@@ -16,6 +16,7 @@ from utils.checkpoint import loader_generator, restore_rng_state
 from utils.distributed import all_reduce_sum, broadcast_buffers
 from utils.errors import UserError
 from utils.metrics import SegmentationMetrics
+from utils.preemption import Preempted
 
 # --opt_level -> (autocast dtype or None, use a GradScaler)
 AMP_LEVELS = {"O0": (None, False), "O1": (torch.float16, True), "O2": (torch.bfloat16, False)}
@@ -120,6 +121,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         self.iteration = 0
         self.loader_state_at_epoch_start = None  # the loader generator's state before this epoch's draws
+        self.preemption = None  # utils.preemption.Preemption: asked after every iteration inside an epoch
 
     def _autocast(self):
         return autocast(self.device, self.amp_dtype)
@@ -138,6 +140,8 @@ class Trainer:
         the first `start_iter` batches are drawn again (same order and augmentations) but not trained
         on, then the RNG states `resume_rng` saved at that iteration are restored.
         `after_iteration(epoch, i)` is called after every trained iteration i (1-based in the epoch).
+        With `self.preemption` set, every rank asks it after each iteration but the epoch's last and all
+        raise Preempted(epoch, i) together when any rank got a stop signal.
         """
         self._set_train_mode()
         if hasattr(loader.sampler, "set_epoch"):
@@ -176,6 +180,8 @@ class Trainer:
                     window_sums, window = {}, 0
                 if after_iteration is not None:
                     after_iteration(epoch, i + 1)
+                if self.preemption is not None and i + 1 < n_iters and self.preemption.should_stop():
+                    raise Preempted(epoch, i + 1)
         finally:
             bar.close()  # before any error line, so it prints alone
         means = self._reduce_means(epoch_sums, max(n_iters - start_iter, 1))

@@ -5,9 +5,11 @@ column groups = tasks, mIoU old / new / all at each task's final step, mean ± s
 """
 import argparse
 import os
+import sys
 
 from utils.errors import UserError, exit_on_user_error
-from utils.result_tables import RENDERERS, collect, paper_tables, per_class_tables, write_tables
+from utils.result_tables import RENDERERS, collect, paper_tables, parse_results_name, per_class_tables, write_tables
+from utils.results import POOLING_KEYS, read_manifests
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write figures to DIR: mIoU old/new/all over the steps per task, per-class IoU bars")
     parser.add_argument("--order", nargs="+", default=None, metavar="NAME",
                         help="row order of the methods (others follow in the order of the files)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse to pool seeds whose runs differ in effective batch, GPUs, batch-norm sync, "
+                             "precision or library versions (default: a warning per table cell)")
     return parser
 
 
@@ -43,12 +48,43 @@ def make_tables(experiments, all_steps=False, per_class=False, order=None):
     return tables
 
 
+def pooling_differences(paths) -> list[str]:
+    """One line per (experiment, step) whose seeds, pooled into one table cell, were run differently:
+    the POOLING_KEYS of their manifests (records without a manifest, from earlier versions, are compared
+    on what they have: the effective batch size)."""
+    groups: dict[tuple, list] = {}
+    for path in paths:
+        results = parse_results_name(path)
+        groups.setdefault((results.dataset, results.split, results.task, results.experiment), []).append(results)
+    lines = []
+    for (dataset, split, task, experiment), files in groups.items():
+        manifests = {r.seed: read_manifests(r.path) for r in files}
+        for step in sorted(set().union(*manifests.values())):
+            at = {seed: found[step] for seed, found in manifests.items() if step in found}
+            differences = []
+            for key in POOLING_KEYS:
+                values = {seed: manifest[key] for seed, manifest in at.items() if key in manifest}
+                if len({repr(v) for v in values.values()}) > 1:
+                    differences.append(f"{key} " + ", ".join(f"{v} (seed {s})" for s, v in sorted(values.items())))
+            if differences:
+                lines.append(f"{dataset} {task} ({split}) {experiment} step {step} pools seeds run differently: "
+                             + "; ".join(differences))
+    return lines
+
+
 @exit_on_user_error
 def main(argv=None):
     opts = build_parser().parse_args(argv)
     missing = [p for p in opts.files if not os.path.isfile(p)]
     if missing:
         raise UserError(f"results file {missing[0]} not found; run the steps first")
+    differences = pooling_differences(opts.files)
+    if differences and opts.strict:
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        raise UserError(f"--strict: {differences[0]}{more}; re-run those seeds alike, or leave out --strict to "
+                        f"pool them with a warning")
+    for line in differences:
+        print(f"warning: {line}", file=sys.stderr)
     experiments = collect(opts.files)
     tables = make_tables(experiments, opts.all_steps, opts.per_class, opts.order)
     if opts.out:

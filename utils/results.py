@@ -200,6 +200,60 @@ def write_results(results_dir, dataset: str, task: str, overlap: bool, name: str
     return update_records(csv_path, list(class_names), change)
 
 
+# What a manifest records (environment_manifest), and of it what makes numbers of pooled runs incomparable
+# (the layout of the processes over nodes does not: the same processes give the same numbers).
+POOLING_KEYS = ("effective_batch_size", "device", "gpu_model", "gpu_count", "bn_sync_group", "amp_dtype", "torch",
+                "cuda", "cudnn", "nccl", "deterministic", "cudnn_benchmark", "compile", "channels_last")
+
+
+def environment_manifest(device, world_size: int, processes_per_node: int, nodes: int, launcher: str,
+                         options: dict) -> dict:
+    """What a step's numbers depend on besides code, data and options: library versions, the GPUs, the
+    process layout, precision, batch-norm synchronisation and determinism (docs/clusters.md)."""
+    import platform
+
+    import torch
+
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    amp = {"O1": "float16", "O2": "bfloat16"}.get(options.get("opt_level"), "float32")
+    nccl = None
+    if cuda and hasattr(torch.cuda, "nccl"):
+        try:
+            version = torch.cuda.nccl.version()
+            nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+        except (RuntimeError, AttributeError):
+            nccl = None
+    return {
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None, "nccl": nccl,
+        "python": platform.python_version(),
+        "device": "cuda" if cuda else "cpu",
+        "gpu_model": torch.cuda.get_device_name(device) if cuda else None,
+        "gpu_count": world_size if cuda else 0,
+        "world_size": world_size, "nodes": nodes, "processes_per_node": processes_per_node, "launcher": launcher,
+        "effective_batch_size": int(options.get("batch_size") or 0) * world_size,
+        "amp_dtype": amp,
+        # in-place ABN sync spans every process of the group (models.norm_act.sync_group)
+        "bn_sync_group": world_size if options.get("norm_act") == "iabn_sync" else 1,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if cuda else None,
+        "compile": bool(options.get("compile")), "channels_last": bool(options.get("channels_last")),
+    }
+
+
+def read_manifests(csv_path) -> dict[int, dict]:
+    """{step: what its record says about the environment}: the manifest (files of earlier versions have
+    none) with the effective batch size every record has; {} without a JSON twin."""
+    steps = _read_json(Path(csv_path).with_suffix(".json")) or {}
+    found = {}
+    for key, record in steps.items():
+        manifest = dict(record.get("manifest") or {})
+        if record.get("effective_batch_size") is not None:
+            manifest.setdefault("effective_batch_size", record["effective_batch_size"])
+        found[int(key)] = manifest
+    return found
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
