@@ -214,3 +214,19 @@ def test_two_gloo_processes_plop_ewf_step1_match_single_process_test(data_root, 
         *common, "--test", "--name", "single", "--ckpt",
         str(tmp_path / "ckpt" / "step" / "4-1-vaihingen_PLOP+EWF_1.pth")])))
     assert distributed["confusion"] == single["confusion"] and sum(map(sum, single["confusion"])) > 0
+
+
+def test_baselines_paper_script_shares_ft_step0(tmp_path):
+    from tests.test_scripts import bash
+
+    proc = bash("scripts/paper/baselines.sh", "vaihingen", "3-1s",
+                env={"NGPUS": "2", "DATA_ROOT": str(tmp_path), "CAMPAIGN_ARGS": "--dry_run"})
+    assert proc.returncode == 0, proc.stderr
+    assert "step 0 of vaihingen 3-1s disjoint: shared by FT, MiB, PLOP, MiB+EWF, PLOP+EWF; own: DFTstar, MiCro" \
+        in proc.stdout
+    for script, method in (("plop.sh", "PLOP"), ("plop-ewf.sh", "PLOP+EWF"), ("mib-ewf.sh", "MiB+EWF"),
+                           ("dft.sh", "DFTstar")):
+        single = bash(f"scripts/paper/{script}", "potsdam", "4-1",
+                      env={"NGPUS": "1", "DATA_ROOT": str(tmp_path), "CAMPAIGN_ARGS": "--dry_run"})
+        assert single.returncode == 0, single.stderr
+        assert f"potsdam 4-1 disjoint seed 42 step 1: {method}" in single.stdout, single.stdout
