@@ -72,6 +72,9 @@ def format_presets(names=None) -> str:
     lines = []
     for name in names:
         shown = [option(k, v) for k, v in METHODS[name].presets.items() if v is not False]
+        rates = METHODS[name].learning_rates
+        if rates:
+            shown.append(f"--lr {rates[0]:g} at step 0, {rates[1]:g} after")
         lines.append(f"  {name:<{width}}  {' '.join(shown) if shown else '(none: plain cross-entropy fine-tuning)'}")
     return "\n".join(lines)
 
