@@ -19,8 +19,8 @@ TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "32", "--bat
         "--num_workers", "0", "--norm_act", "iabn", "--debug", "--print_interval", "1"]
 
 
-def args(data_root, out, method, step, task="3-1s", extra=()):
-    return ["--data_root", str(data_root), "--dataset", "vaihingen", "--task", task, "--method", method,
+def args(data_root, out, method, step, task="3-1s", extra=(), dataset="vaihingen"):
+    return ["--data_root", str(data_root), "--dataset", dataset, "--task", task, "--method", method,
             "--step", str(step), "--checkpoint_dir", str(out / "ckpt"), "--logdir", str(out / "logs"),
             "--results_dir", str(out / "results"), *TINY, *extra]
 
@@ -230,3 +230,15 @@ def test_baselines_paper_script_shares_ft_step0(tmp_path):
                       env={"NGPUS": "1", "DATA_ROOT": str(tmp_path), "CAMPAIGN_ARGS": "--dry_run"})
         assert single.returncode == 0, single.stderr
         assert f"potsdam 4-1 disjoint seed 42 step 1: {method}" in single.stdout, single.stdout
+
+
+@pytest.mark.parametrize("method", ["PLOP+EWF", "DFTstar"])
+def test_mibcd_task_on_potsdam_steps_0_1(method, data_root, tmp_path):
+    """MiB-CD's task family (synthetic background at channel 0, two classes per step, --patience on a
+    validation split): the new methods run it too."""
+    extra = ["--val_fraction", "0.3", "--patience", "1", "--epochs", "2"]
+    results = [run.main(args(data_root, tmp_path, method, step, task="222a", extra=extra, dataset="potsdam"))
+               for step in (0, 1)]
+    assert all(r["miou_all"] is not None for r in results)
+    saved = torch.load(tmp_path / "ckpt" / "step" / f"222a-potsdam_{method}_1.pth", weights_only=False)
+    assert saved["classes"] == ([3, 2, 2] if method == "DFTstar" else [3, 2])
