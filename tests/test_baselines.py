@@ -242,3 +242,20 @@ def test_mibcd_task_on_potsdam_steps_0_1(method, data_root, tmp_path):
     assert all(r["miou_all"] is not None for r in results)
     saved = torch.load(tmp_path / "ckpt" / "step" / f"222a-potsdam_{method}_1.pth", weights_only=False)
     assert saved["classes"] == ([3, 2, 2] if method == "DFTstar" else [3, 2])
+
+
+def test_metrics_count_a_predicted_unseen_class_as_a_miss():
+    from utils.metrics import SegmentationMetrics
+
+    target = torch.tensor([[0, 0, 1, 1, 2, 2, 255, 1]])
+    pred = torch.tensor([[0, 3, 1, 4, 2, 1, 4, 1]])  # channels 3, 4: classifiers of later steps
+    metrics = SegmentationMetrics(3, prediction_classes=5)
+    metrics.update(pred, target)
+    metrics.synchronize()
+    res = metrics.results(old_classes=[0, 1, 2], new_classes=[])
+    assert res["unseen_predictions"] == [1, 1, 0]  # the ignored pixel does not count
+    # class 0: TP 1, FN 1 (predicted 3), FP 0; class 1: TP 2, FN 1 (predicted 4), FP 1 (a 2 predicted 1)
+    assert res["iou"] == pytest.approx([1 / 2, 2 / 4, 1 / 2])
+    assert res["overall_acc"] == pytest.approx(4 / 7)
+    with pytest.raises(ValueError):  # without allocated classifiers an out-of-range prediction is a bug
+        SegmentationMetrics(3).update(pred, target)
