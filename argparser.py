@@ -72,6 +72,9 @@ def format_presets(names=None) -> str:
     lines = []
     for name in names:
         shown = [option(k, v) for k, v in METHODS[name].presets.items() if v is not False]
+        rates = METHODS[name].learning_rates
+        if rates:
+            shown.append(f"--lr {rates[0]:g} at step 0, {rates[1]:g} after")
         lines.append(f"  {name:<{width}}  {' '.join(shown) if shown else '(none: plain cross-entropy fine-tuning)'}")
     return "\n".join(lines)
 
@@ -173,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotation/flip invariance of features (MiB-CD); adds the term to any method")
     g.add_argument("--cd_factor_icl", type=float, default=0.0,
                    help="invariance w.r.t. the old model's features at t > 0 (MiB-CD)")
+    _str2bool_flag(g, "--ewf", help="endpoints weight fusion at t > 0 on any method: old classifiers frozen, "
+                                    "then the trained model fused with step t-1's (EWF)")
+    g.add_argument("--ewf_alpha", type=float, default=None,
+                   help="EWF's weight of the new model (default sqrt(new classes / all seen channels))")
     for cls in METHODS.values():
         cls.add_arguments(parser)
 
@@ -321,8 +328,9 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
             raise
         raise UserError(f"{err}{did_you_mean(opts.task, known)}") from None
     _finalize_protocol(opts)
-    if opts.lr is None:
-        opts.lr = default_lr(opts.step)
+    if opts.lr is None:  # the method's own learning rates (DFT*) or MiB's
+        rates = get_method_class(opts.method).learning_rates
+        opts.lr = rates[min(opts.step, 1)] if rates else default_lr(opts.step)
     for key, value in vars(opts).items():  # nan/inf pass argparse's float()
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{key} must be a finite number (got {value})")

@@ -369,6 +369,7 @@ def run_step(opts, dist, preemption=None) -> dict:
     input_norm = input_normalizer(opts, meta)
     method.setup(SetupContext(model=model, old_model=old_model, train_loader=train_loader,
                               previous_state=previous_state, dist=dist, input_norm=input_norm,
+                              previous_model_state=previous[1]["model"] if previous is not None else None,
                               max_batches=batches_per_pass(train_loader, opts.debug)))
     # 4. train
     params = model.optimizer_parameters(freeze_body=opts.freeze)
@@ -395,6 +396,9 @@ def run_step(opts, dist, preemption=None) -> dict:
                                   logger)
     except Preempted as stop:
         stop_for_preemption(opts, dist, preemption, stop, last_path, logger)
+    finished = method.finish_training(model)  # e.g. EWF's weight fusion: before the checkpoint and the test
+    if finished:
+        logger.info("after training: " + ", ".join(f"{k} {v:g}" for k, v in finished.items()))
 
     # 5. save
     check_finite_model(model, trainer)
@@ -420,10 +424,13 @@ def load_data(opts, dist, test_only: bool = False):
 
 
 def build_model(opts, dist, classes, no_pretrained=None):
-    """The step's model on the device, in the chosen memory format. Weights come from ImageNet only at
-    step 0 training; otherwise from step checkpoints."""
+    """The step's model on the device, in the chosen memory format, with the classifiers the method
+    allocates for `classes` (Method.model_classes). Weights come from ImageNet only at step 0 training;
+    otherwise from step checkpoints."""
     if no_pretrained is None:
         no_pretrained = not (opts.step == 0 and not opts.test and not opts.no_pretrained)
+    task_classes = tasks.get_per_task_classes(opts.dataset, opts.task, tasks.num_steps(opts.dataset, opts.task) - 1)
+    classes = get_method_class(opts.method).model_classes(classes, task_classes)
     model = make_model(_with(opts, no_pretrained=no_pretrained), classes)
     memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
     return model.to(dist.device).to(memory_format=memory_format)
@@ -530,7 +537,7 @@ def save_step(opts, dist, ckpt_path, model, optimizer, scheduler, method, classe
         "epoch": stopper.best_epoch if stopper is not None and stopper.best_epoch else epochs_run,
         "epochs_run": epochs_run,
         "method_state": method.state_dict(),
-        "classes": classes,
+        "classes": list(model.classes),  # with classifiers allocated ahead (Method.model_classes)
         "step": opts.step,
         "opts": vars(opts),
         "input_channels": opts.in_channels,

@@ -57,7 +57,9 @@ def evaluate(model, loader, num_classes: int, device, input_norm=None, amp_dtype
     `sample_num` crops. The model is left in eval mode; a caller that trains next switches it back."""
     model.eval()
     broadcast_buffers(model)  # every rank tests the model rank 0 saves
-    metrics = SegmentationMetrics(num_classes, device=device)
+    # a model may hold classifiers of future steps (Method.model_classes): predicting one is a miss
+    metrics = SegmentationMetrics(num_classes, device=device,
+                                  prediction_classes=getattr(model, "num_classes", num_classes))
     samples = []
     n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     for i, (images, labels) in enumerate(loader):

@@ -1,18 +1,21 @@
 """Incremental-learning methods: a registry from name to Method class; each owns its losses, presets and state."""
 from methods.base import Method, SetupContext, StepContext
+from methods.dft import DFTStar
 from methods.hciss import HCISS
 from methods.mib_cd import MiBCD
-from methods.mib_family import EWC, FT, ILT, LWF, LWFMC, PI, RW, UFT, MiB
+from methods.mib_family import EWC, FT, ILT, LWF, LWFMC, PI, RW, UFT, MiB, MiBEWF
 from methods.micro import MiCro
+from methods.plop import PLOP, PLOPEWF
 from utils.errors import UserError
 
 __all__ = ["ALIASES", "METHODS", "Method", "SetupContext", "StepContext", "get_method_class"]
 
 # The registry: a new method is one file plus one entry here.
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FT, UFT, LWF, LWFMC, ILT, EWC, RW, PI, MiB, HCISS, MiCro, MiBCD)
+    cls.name: cls for cls in (FT, UFT, LWF, LWFMC, ILT, EWC, RW, PI, MiB, HCISS, MiCro, MiBCD, PLOP, MiBEWF, PLOPEWF,
+                 DFTStar)
 }
-ALIASES = {"MIB": "MiB", "LWFMC": "LWF-MC", "MIB-CD": "MiB-CD", "MICRO": "MiCro"}
+ALIASES = {"MIB": "MiB", "LWFMC": "LWF-MC", "MIB-CD": "MiB-CD", "MICRO": "MiCro", "DFT*": "DFTstar"}
 
 
 def get_method_class(name: str) -> type[Method]:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from methods import losses
+from methods.ewf import check_options as check_ewf_options
+from methods.ewf import ewf_alpha, fuse_endpoints
 from methods.invariance import NUM_SYMMETRIES, apply_symmetry, invariance_losses
 from methods.regularizers import check_options as check_regularizer_options
 from methods.regularizers import make_regularizer
@@ -43,6 +45,7 @@ class SetupContext:
     dist: Any = None  # rank, world_size, device, distributed (utils.distributed.DistInfo)
     input_norm: Callable | None = None  # uint8 N×H×W×C batch on the device -> normalised float N×C×H×W
     max_batches: int | None = None  # batches an epoch trains on (--debug caps it); None: the whole loader
+    previous_model_state: dict | None = None  # the model state dict saved by step t-1 (None at step 0)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The training batches as the model sees them: (normalised images, long labels) on the device;
@@ -75,6 +78,15 @@ class Method:
     presets: dict = {}
     # True for methods whose own terms read the old model at t > 0, whatever the distillation weights
     own_terms_read_old_model = False
+    # (learning rate at step 0, at later steps) when --lr is not given; None: the framework's 0.01 / 0.001
+    learning_rates: tuple[float, float] | None = None
+
+    @classmethod
+    def model_classes(cls, classes: list[int], task_classes: list[int]) -> list[int]:
+        """The classes per classifier the model holds: one classifier per step seen (`classes`) unless the
+        method allocates later steps' classifiers ahead (`task_classes`: every step of the task). The old
+        model, checkpoints and --test use the same allocation; metrics count only the seen classes."""
+        return list(classes)
 
     # ---------------------------------------------------------------- what step 0 depends on
     @classmethod
@@ -135,6 +147,7 @@ class Method:
                             "outputs on the same images, which the rotated half of --cd_factor/--cd_factor_icl "
                             "does not have; drop --icarl_disjoint or the invariance terms")
         check_regularizer_options(opts)
+        check_ewf_options(opts)
 
     def __init__(self, opts, step: int, classes: list[int]):
         type(self).validate(opts, step)
@@ -143,6 +156,7 @@ class Method:
         self.classes = list(classes)
         self.old_classes = sum(self.classes[:-1]) if step > 0 else 0
         self.regularizer = None
+        self.ewf_previous = None  # --ewf: the step t-1 weights (from `setup`)
         # Symmetries are drawn from a seeded generator so runs are reproducible.
         self._symmetry_rng = torch.Generator().manual_seed(int(opts.random_seed) + 1000 * step)
 
@@ -163,7 +177,7 @@ class Method:
     def init_new_model(self, model) -> None:
         """Called once after the step t-1 weights were loaded into the new model (t > 0)."""
         if self.opts.init_balanced:
-            model.init_new_classifier()
+            model.init_new_classifier(self.step)
 
     def setup(self, ctx: SetupContext) -> None:
         """Build per-step state once the data, the model and the old model exist (before training and
@@ -171,6 +185,10 @@ class Method:
         state the checkpoint of step t-1 carried. A method needing a pass over the training data
         (`ctx.batches()`) or the old model does it here."""
         model = ctx.model
+        if self.uses_ewf:
+            self.ewf_previous = ctx.previous_model_state
+            for index in range(self.step):  # old classifiers (background included) out of the optimiser
+                model.cls[index].requires_grad_(False)
         previous_state = ctx.previous_state or {}
         name = self.opts.regularizer
         if not name:
@@ -277,6 +295,22 @@ class Method:
                 )
             )
         return terms
+
+    # ---------------------------------------------------------------- after training
+    @property
+    def uses_ewf(self) -> bool:
+        """--ewf at t > 0: old classifiers frozen, endpoints weight fusion after training."""
+        return self.step > 0 and bool(getattr(self.opts, "ewf", False))
+
+    def finish_training(self, model) -> dict[str, float]:
+        """After the step's last epoch (and --patience's choice of weights), before the step checkpoint is
+        written and tested, on every rank: here EWF's fusion with the step t-1 weights. Returns values to
+        log."""
+        if not self.uses_ewf:
+            return {}
+        alpha = ewf_alpha(self.classes, getattr(self.opts, "ewf_alpha", None))
+        fused = fuse_endpoints(model, self.ewf_previous, alpha)
+        return {"ewf_alpha": alpha, "ewf_fused_tensors": float(fused)}
 
     def before_step(self) -> dict[str, torch.Tensor]:
         """After backward (gradients DDP-averaged and unscaled), before optimizer.step().

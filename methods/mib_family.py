@@ -62,3 +62,10 @@ class UFT(Method):
     summary = "unbiased cross-entropy alone (MiB's UnCE without distillation); MiB-CD's UFT baseline"
     paper = "Cermelli et al., CVPR 2020 (UnCE); compared as UFT in Arnaudo et al., ICIAP 2021"
     presets = {"unce": True}
+
+
+class MiBEWF(MiB):
+    name = "MiB+EWF"
+    summary = "MiB + endpoints weight fusion after each step, old classifiers frozen (--ewf)"
+    paper = "Xiao et al., Endpoints Weight Fusion for Class Incremental Semantic Segmentation, CVPR 2023"
+    presets = {**MiB.presets, "ewf": True}

@@ -272,11 +272,12 @@ class NormAct:
         return InPlaceABN(num_features, eps=BN_EPS, momentum=BN_MOMENTUM, activation=activation,
                           activation_param=param)
 
-    def make_activation(self):
-        """The activation applied after a residual sum (a parameter-free module)."""
+    def make_activation(self, inplace=True):
+        """The activation applied after a residual sum (a parameter-free module); out of place when the
+        sum itself must survive (pre-activation features)."""
         if self.activation == "relu":
-            return nn.ReLU(inplace=True)
-        return nn.LeakyReLU(self.activation_param, inplace=True)
+            return nn.ReLU(inplace=inplace)
+        return nn.LeakyReLU(self.activation_param, inplace=inplace)
 
     def __repr__(self):
         return f"NormAct({self.name!r}: {self.implementation})"

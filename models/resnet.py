@@ -60,9 +60,14 @@ class ResidualBlock(nn.Module):
         else:
             self.proj_conv = self.proj_bn = None
         self.act = norm_act.make_activation()
+        self.act_out_of_place = norm_act.make_activation(inplace=False)
 
-    def forward(self, x):
+    def forward(self, x, keep_pre_activation=False):
+        """The block's output; with keep_pre_activation, (output, residual sum before the activation)."""
         shortcut = x if self.proj_conv is None else self.proj_bn(self.proj_conv(x))
+        if keep_pre_activation:  # the in-place activation would overwrite the sum
+            pre_activation = self.convs(x) + shortcut
+            return self.act_out_of_place(pre_activation), pre_activation
         return self.act(self.convs(x) + shortcut)
 
 
@@ -111,12 +116,23 @@ class ResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward_stages(self, x):
-        """{"stage1": mod2 output, ..., "stage4": mod5 output}: the residual stages after the stem (mod1)."""
+    def forward_stages(self, x, pre_activations=None):
+        """{"stage1": mod2 output, ..., "stage4": mod5 output}: the residual stages after the stem (mod1).
+
+        pre_activations: a dict that, when given, receives "stage1".."stage4" before their last
+        activation (the last block's residual sum), as PLOP's Local POD distils them."""
         x = self.mod1(x)
         stages = {}
         for i, stage in enumerate((self.mod2, self.mod3, self.mod4, self.mod5)):
-            x = stages[f"stage{i + 1}"] = stage(x)
+            name = f"stage{i + 1}"
+            if pre_activations is None:
+                x = stages[name] = stage(x)
+                continue
+            *blocks, last = stage
+            for block in blocks:
+                x = block(x)
+            x, pre_activations[name] = last(x, keep_pre_activation=True)
+            stages[name] = x
         return stages
 
     def forward(self, x):

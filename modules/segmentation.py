@@ -20,7 +20,9 @@ class ModelOutput(NamedTuple):
     logits: [B, sum(classes), H, W] at the input size. features: by name, every backbone stage
     ("stage1".."stage4" for the ResNets, the output of each residual stage, strides 4, 8, 16/8, 16/8),
     "body" (the last stage, the head's input) and "pre_logits" (the head's output, the classifiers'
-    input). A tuple, so `logits, features = model(x)` works too."""
+    input). After `model.return_pre_activations()` also "stage1_preact".."stage4_preact" (each stage's
+    output before its last activation) and "logits_small" (the logits at the head's resolution, before
+    upsampling). A tuple, so `logits, features = model(x)` works too."""
 
     logits: torch.Tensor
     features: dict
@@ -42,32 +44,63 @@ class IncrementalSegmentationModule(nn.Module):
         self.classes = [int(c) for c in classes]
         self.cls = nn.ModuleList([nn.Conv2d(head_channels, c, 1, bias=True) for c in self.classes])
         self._norm_eval = False  # --fix_bn_strict: norm layers stay in eval mode through train()
+        self._frozen_eval = []  # names of submodules kept in eval mode through train() (`freeze`)
+        self.pre_activations = False  # `return_pre_activations`
 
     @property
     def num_classes(self):
         return sum(self.classes)
 
     def forward(self, x):
-        stages = self.body.forward_stages(x) if hasattr(self.body, "forward_stages") else {}
+        pre_activations = {} if self.pre_activations else None
+        if hasattr(self.body, "forward_stages"):
+            stages = (self.body.forward_stages(x) if pre_activations is None
+                      else self.body.forward_stages(x, pre_activations=pre_activations))
+        else:
+            stages = {}
         body_out = next(reversed(stages.values())) if stages else self.body(x)
         head_out = self.head(body_out)
-        logits = torch.cat([classifier(head_out) for classifier in self.cls], dim=1)
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return ModelOutput(logits, {**stages, "body": body_out, "pre_logits": head_out})
+        small = torch.cat([classifier(head_out) for classifier in self.cls], dim=1)
+        logits = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        features = {**stages, "body": body_out, "pre_logits": head_out}
+        if pre_activations is not None:
+            features.update({f"{name}_preact": value for name, value in pre_activations.items()})
+            features["logits_small"] = small
+        return ModelOutput(logits, features)
+
+    def return_pre_activations(self, on=True):
+        """Also return each stage before its last activation and the logits before upsampling (for
+        feature distillation that needs them, e.g. PLOP). Costs one extra map per stage: the last
+        activation of each stage then runs out of place."""
+        if on and not hasattr(self.body, "forward_stages"):
+            raise ValueError(f"{type(self.body).__name__} has no forward_stages: it cannot give pre-activation "
+                             f"stage features")
+        self.pre_activations = bool(on)
+        return self
 
     @torch.no_grad()
-    def init_new_classifier(self):
-        """MiB's init_balanced (docs/methods.md#balanced-classifier-initialisation) on the last classifier:
-        the old background probability is shared equally by background and the N new classes."""
-        if len(self.cls) < 2:
+    def init_new_classifier(self, step=-1):
+        """MiB's init_balanced (docs/methods.md#balanced-classifier-initialisation) on the classifier of
+        `step` (default the last): the old background probability is shared equally by background and the N
+        new classes."""
+        if len(self.cls) < 2 or step == 0:
             raise ValueError("init_new_classifier needs a model with a classifier added after step 0")
         background_weight = self.cls[0].weight[0].clone()
         background_bias = self.cls[0].bias[0].clone()
-        new = self.cls[-1]
+        new = self.cls[step]
         shared_bias = background_bias - math.log(new.out_channels + 1)
         new.weight.copy_(background_weight.expand_as(new.weight))
         new.bias.copy_(shared_bias.expand_as(new.bias))
         self.cls[0].bias[0] = shared_bias
+
+    def freeze(self, names):
+        """Stop training the named submodules ("body", "head", "cls.0", ...) and keep them in eval mode
+        through later train() calls, so their normalisation statistics stay fixed too."""
+        for name in names:
+            self.get_submodule(name).requires_grad_(False)
+            if name not in self._frozen_eval:
+                self._frozen_eval.append(name)
+        self.train(self.training)
 
     def freeze_body(self, include_head=False):
         """Stop training the backbone (and the head if asked); classifiers stay trainable."""
@@ -104,4 +137,6 @@ class IncrementalSegmentationModule(nn.Module):
         if self._norm_eval:
             for module in self._norm_layers():
                 module.eval()
+        for name in self._frozen_eval:
+            self.get_submodule(name).eval()
         return self

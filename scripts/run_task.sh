@@ -3,7 +3,8 @@
 #   scripts/run_task.sh <dataset> <task> <method> [extra run.py options...]
 # Environment: NPROC (processes per node; >1 launches torchrun), PYTHON (interpreter),
 #              FIRST_STEP / LAST_STEP (sub-range of steps). The learning rate is run.py's default
-#              (0.01 at step 0, 0.001 after: the papers' schedule) unless an extra --lr is given.
+#              (0.01 at step 0, 0.001 after: the papers' schedule; a method's own pair, e.g. DFT*'s) unless an
+#              extra --lr is given.
 set -euo pipefail
 if [ $# -lt 3 ]; then
     echo "usage: $0 <dataset> <task> <method> [run.py options...]" >&2

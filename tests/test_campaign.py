@@ -28,7 +28,7 @@ def signature(method, *extra):
 
 def test_step0_signatures_share_plain_cross_entropy_methods():
     ce = {m for m in METHODS if signature(m) == signature("FT")}
-    assert ce == {"FT", "UFT", "LWF", "ILT", "MiB", "HCISS"}  # UFT: unbiased CE only at t > 0
+    assert ce == {"FT", "UFT", "LWF", "ILT", "MiB", "HCISS", "PLOP", "MiB+EWF", "PLOP+EWF"}  # UFT: UnCE only at t > 0
     others = [signature(m) for m in METHODS if m not in ce]
     assert len(set(others)) == len(others)  # LWF-MC, EWC, RW, PI, MiCro, MiB-CD: each its own
     # decided from the options, so a user's option moves a method between groups

@@ -50,7 +50,7 @@ def test_help_lists_every_method_preset(capsys):
         for key, value in cls.presets.items():
             if value is not False:
                 assert f"--{key}" in line, (name, key, line)
-    assert "MiB     --loss_kd 10 --unce --unkd --init_balanced" in text
+    assert "MiB       --loss_kd 10 --unce --unkd --init_balanced" in text  # names padded to PLOP+EWF
 
 
 def test_print_presets(capsys):

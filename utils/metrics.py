@@ -10,19 +10,24 @@ class SegmentationMetrics:
     """Accumulates a confusion matrix (rows = ground truth, columns = prediction) on `device`.
 
     Call `update` per batch, `synchronize` once after the last batch (sums over ranks), then `results`.
+    prediction_classes (default num_classes): a model may predict channels beyond the seen classes
+    (classifiers allocated for future steps, DFT*); such a prediction is a miss of the pixel's class
+    (counted in `unseen_predictions`, per ground-truth class) and a false positive of no seen class.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device="cpu"):
+    def __init__(self, num_classes: int, ignore_index: int = 255, device="cpu", prediction_classes=None):
         self.num_classes = int(num_classes)
+        self.prediction_classes = max(int(prediction_classes or num_classes), self.num_classes)
         self.ignore_index = ignore_index
         self.device = torch.device(device)
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=self.device)
+        self.unseen_predictions = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """pred: class indices [B,H,W] or logits [B,C,H,W] (C <= num_classes); target: labels [B,H,W]."""
         if pred.dim() == target.dim() + 1:
-            if pred.shape[1] > self.num_classes:
+            if pred.shape[1] > self.prediction_classes:
                 raise ValueError(f"logits have {pred.shape[1]} channels but the metric has {self.num_classes} classes")
             pred = pred.argmax(dim=1)
         if pred.shape != target.shape:
@@ -33,13 +38,19 @@ class SegmentationMetrics:
         pred, target = pred[keep], target[keep]
         n = self.num_classes
         # One check (one device sync) per batch: a label outside [0, n) would land in a wrong cell silently.
-        if ((target < 0) | (target >= n) | (pred < 0) | (pred >= n)).any():
+        if ((target < 0) | (target >= n) | (pred < 0) | (pred >= self.prediction_classes)).any():
             raise ValueError(f"labels or predictions outside [0, {n}) that are not ignore_index={self.ignore_index}")
+        if self.prediction_classes > n:
+            unseen = pred >= n
+            self.unseen_predictions += torch.bincount(target[unseen], minlength=n)
+            pred, target = pred[~unseen], target[~unseen]
         self.confusion += torch.bincount(target * n + pred, minlength=n * n).view(n, n)
 
     def synchronize(self) -> None:
         """Sum the matrices of all ranks (no-op without a process group). Call exactly once."""
         distributed.all_reduce_sum(self.confusion)
+        if self.prediction_classes > self.num_classes:
+            distributed.all_reduce_sum(self.unseen_predictions)
 
     def results(self, old_classes, new_classes, background: int = 0) -> dict:
         """Metrics as fractions in [0, 1]; None where undefined (no ground truth / no new classes).
@@ -51,7 +62,8 @@ class SegmentationMetrics:
         """
         conf = self.confusion.double().cpu()
         true_pos = conf.diag()
-        gt_count = conf.sum(dim=1)
+        unseen = self.unseen_predictions.double().cpu()
+        gt_count = conf.sum(dim=1) + unseen
         pred_count = conf.sum(dim=0)
         has_gt = gt_count > 0
         iou = torch.where(has_gt, true_pos / (gt_count + pred_count - true_pos).clamp(min=1), torch.nan)
@@ -62,7 +74,9 @@ class SegmentationMetrics:
         old = [c for c in old_classes if c != background]
         new = [c for c in new_classes if c != background]
         seen = sorted(set(old_classes) | set(new_classes))
-        total = conf.sum()
+        total = conf.sum() + unseen.sum()
+        extra = {"unseen_predictions": self.unseen_predictions.cpu().tolist()} \
+            if self.prediction_classes > self.num_classes else {}
         return {
             "iou": _to_list(iou),
             "acc": _to_list(acc),
@@ -77,6 +91,7 @@ class SegmentationMetrics:
             "f1_micro": float(true_pos.sum() / total) if total > 0 else None,
             "f1_macro": _nanmean(f1, old + new),  # seen foreground classes, as mIoU all
             "confusion": self.confusion.cpu().tolist(),
+            **extra,
         }
 
 
