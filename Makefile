@@ -4,6 +4,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: most tests wait on subprocesses, so 2 workers halve the suite's time on 2 cores
+TEST_WORKERS ?= 2
 
 .PHONY: setup test lint demo clean-demo
 
@@ -15,7 +17,7 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
