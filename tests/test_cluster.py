@@ -219,6 +219,18 @@ def _kill_all(procs, out):
         proc.communicate()
 
 
+def _wait_all_succeed(procs, out):
+    """(stdout, stderr) of every process once all have ended, each with exit code 0 (any left over is
+    killed, with its workers)."""
+    try:
+        outputs = [proc.communicate(timeout=900) for proc in procs]
+    finally:
+        _kill_all(procs, out)
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-3000:]
+    return outputs
+
+
 @pytest.fixture(scope="module")
 def one_process(data_root, tmp_path_factory):
     """The reference step of one process, trained once."""
@@ -332,12 +344,7 @@ def test_two_torchrun_nodes_match_one_node_and_only_rank_0_writes(data_root, tmp
     node1 = ["--logdir", str(tmp_path / "node1" / "logs"), "--results_dir", str(tmp_path / "node1" / "results")]
     procs = [_start(_node(data_root, tmp_path, free_port, 0)), _start(_node(data_root, tmp_path, free_port, 1,
                                                                               extra=node1))]
-    try:
-        outputs = [proc.communicate(timeout=900) for proc in procs]
-    finally:
-        _kill_all(procs, tmp_path)
-    for proc, (_, stderr) in zip(procs, outputs):
-        assert proc.returncode == 0, stderr[-3000:]
+    outputs = _wait_all_succeed(procs, tmp_path)
     assert not (tmp_path / "node1").exists() or not any((tmp_path / "node1").rglob("*"))
     assert outputs[0][0].count("results row of step 0 written") == 1 and "results row" not in outputs[1][0]
     _assert_same_weights(two_processes, tmp_path)
@@ -366,12 +373,7 @@ def test_resume_checkpoint_moves_between_layouts(data_root, tmp_path, free_port,
         _kill_all(procs, tmp_path)
     assert not _final(tmp_path).exists()
     procs = start(then)
-    try:
-        outputs = [proc.communicate(timeout=900) for proc in procs]
-    finally:
-        _kill_all(procs, tmp_path)
-    for proc, (_, stderr) in zip(procs, outputs):
-        assert proc.returncode == 0, stderr[-3000:]
+    outputs = _wait_all_succeed(procs, tmp_path)
     assert "resuming from" in outputs[0][0]
     _assert_same_weights(two_processes, tmp_path)
 
