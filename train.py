@@ -1,5 +1,7 @@
-"""The Trainer: epoch loop with a per-iteration schedule, AMP, DDP, validation and testing.
-It only calls the Method's hooks and knows no method by name."""
+"""The Trainer and the step's loop: `Trainer.fit` runs the epochs (per-iteration schedule, AMP, DDP) from
+where a resume checkpoint left off, validates, stops early (--patience), writes the resume checkpoints
+(ResumeCheckpoint) and stops for pre-emption; `test` is the step's final test. It only calls the
+Method's hooks and knows no method by name."""
 from __future__ import annotations
 
 import contextlib
@@ -8,15 +10,26 @@ import math
 import sys
 import time
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from utils.checkpoint import loader_generator, restore_rng_state
-from utils.distributed import all_reduce_sum, broadcast_buffers
+from utils.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    loader_generator,
+    non_finite_tensors,
+    restore_rng_state,
+    save_checkpoint,
+)
+from utils.distributed import all_gather_object, all_reduce_sum, barrier, broadcast_buffers, broadcast_object
 from utils.errors import UserError
 from utils.metrics import SegmentationMetrics
-from utils.preemption import Preempted
+from utils.preemption import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
+from utils.results import POOLING_KEYS
 
 # --opt_level -> (autocast dtype or None, use a GradScaler)
 AMP_LEVELS = {"O0": (None, False), "O1": (torch.float16, True), "O2": (torch.bfloat16, False)}
@@ -78,6 +91,27 @@ def evaluate(model, loader, num_classes: int, device, input_norm=None, amp_dtype
     return metrics, samples
 
 
+def test(model, loader, classes, device, opts, input_norm=None):
+    """The step's final test of the unwrapped `model` on every crop of `loader`, over all classes seen
+    (`classes`: per step; channel 0 background, then the classes in task order, old = step 0's, new = the
+    later steps'). Returns (results, samples) as `SegmentationMetrics.results` and `evaluate` give them."""
+    num_seen = sum(classes)
+    metrics, samples = evaluate(model, loader, num_seen, device, input_norm=input_norm,
+                                amp_dtype=AMP_LEVELS[opts.opt_level][0], sample_num=opts.sample_num,
+                                max_batches=batches_per_pass(loader, opts.debug))
+    results = metrics.results(old_classes=list(range(classes[0])), new_classes=list(range(classes[0], num_seen)))
+    return results, samples
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What `Trainer.fit` did: the epochs it ran and the epoch whose weights the model holds (the best
+    validated one with --patience, else the last)."""
+
+    epochs_run: int
+    weights_epoch: int
+
+
 def compile_model(model, device, backend="inductor"):
     """torch.compile of the training model, or the model itself with one line saying why not.
 
@@ -92,6 +126,14 @@ def compile_model(model, device, backend="inductor"):
         print(f"warning: --compile: torch.compile is not available here ({reason}); training runs "
               f"without compilation", file=sys.stderr, flush=True)
         return model
+
+
+def training_model(model, dist, compile_it: bool = False):
+    """The model the Trainer trains through: DistributedDataParallel across processes, then torch.compile
+    with --compile (`model` itself in one process without)."""
+    if dist.distributed:
+        model = DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    return compile_model(model, dist.device) if compile_it else model
 
 
 def unwrap(model):
@@ -124,6 +166,8 @@ class Trainer:
         self.iteration = 0
         self.loader_state_at_epoch_start = None  # the loader generator's state before this epoch's draws
         self.preemption = None  # utils.preemption.Preemption: asked after every iteration inside an epoch
+        self.train_loader = None  # while `fit` runs: its training loader and early stopping, which the
+        self.stopper = None  # resume checkpoint saves and restores
 
     def _autocast(self):
         return autocast(self.device, self.amp_dtype)
@@ -132,6 +176,113 @@ class Trainer:
         # as MiB: norm layers follow train() (--fix_bn froze only their affine parameters); the model itself
         # keeps them in eval mode under --fix_bn_strict
         self.model.train()
+
+    # ------------------------------------------------------------------ the step's loop
+    def fit(self, train_loader, val_loader, num_classes: int, stopper=None, resume=None) -> Fitted:
+        """The step's epochs, from where the resume checkpoint left off, with validation and early stopping.
+
+        Validation every --val_interval epochs on `val_loader` (None: never) over `num_classes` channels.
+        With `stopper` (utils.early_stopping.EarlyStopping, --patience) every validation counts, the last
+        epoch's too, training stops when it says so and the best weights are back in the model at the end;
+        without, validation is monitoring only (and skipped after the last epoch, which the test follows).
+        `resume` (ResumeCheckpoint) restores what it finds, is written after every epoch but the last (the
+        step checkpoint follows it at once) and, on pre-emption, before every rank exits with
+        PREEMPTED_EXIT_CODE (SystemExit)."""
+        opts = self.opts
+        self.train_loader, self.stopper = train_loader, stopper
+        start_epoch, start_iter, resume_rng = resume.on_fit_start(self) if resume is not None else (0, 0, None)
+        after_iteration = functools.partial(resume.on_iteration_end, self) if resume is not None else None
+        epochs_run = opts.epochs
+        for epoch in range(start_epoch, opts.epochs):
+            try:
+                self.train_epoch(train_loader, epoch, start_iter=start_iter, resume_rng=resume_rng,
+                                 after_iteration=after_iteration)
+            except Preempted as stop:
+                if resume is None:
+                    raise
+                resume.save(self, stop.epoch, stop.iteration_in_epoch)
+                self._stop_for_preemption(stop, resume.path)
+            start_iter, resume_rng = 0, None
+            last = epoch + 1 == opts.epochs
+            if val_loader is not None and (epoch + 1) % opts.val_interval == 0 and (stopper is not None or not last):
+                if self._validate(val_loader, num_classes, epoch + 1, stopper) and not last:
+                    epochs_run = epoch + 1
+                    self.logger.info(f"early stopping after epoch {epoch + 1}: {opts.patience} epoch(s) without a "
+                                     f"better validation mIoU")
+                    break
+            if not last and resume is not None:
+                resume.save(self, epoch + 1, 0)
+                if self.preemption is not None and self.preemption.should_stop():
+                    self._stop_for_preemption(Preempted(epoch + 1, 0), resume.path)
+        if stopper is not None:
+            if stopper.restore_best(self.module):
+                self.logger.info(f"kept the weights of epoch {stopper.best_epoch} (best validation mIoU "
+                                 f"{100 * stopper.best_score:.2f}, --patience {opts.patience}) as the step checkpoint, "
+                                 f"which the test below and the next step use; optimizer, scheduler and method state "
+                                 f"are those of the last epoch trained ({epochs_run})")
+            else:
+                self.logger.info("no validation gave a mIoU: the step checkpoint holds the last epoch")
+        best = stopper.best_epoch if stopper is not None else None
+        return Fitted(epochs_run=epochs_run, weights_epoch=best or epochs_run)
+
+    def _validate(self, loader, num_classes: int, epoch: int, stopper) -> bool:
+        """Validation after `epoch` (1-based): its mIoU to TensorBoard and the console and, with `stopper`,
+        to early stopping; returns whether early stopping says stop."""
+        metrics, _ = self.evaluate(loader, num_classes=num_classes)
+        # validation labels hold only background and the step's classes (docs/data.md)
+        miou = metrics.results(old_classes=list(range(num_classes)), new_classes=[])["miou_all_bg"]
+        if miou is not None:  # None: empty validation set
+            self.logger.add_scalar("val/mIoU", miou, epoch)
+        shown = "x" if miou is None else f"{100 * miou:.2f}"
+        if stopper is None:
+            self.logger.info(f"validation (monitoring only) after epoch {epoch}: mIoU {shown}")
+            return False
+        improved = stopper.update(epoch, miou, self.module)
+        self.logger.info(f"validation after epoch {epoch}: mIoU {shown}"
+                         + (" (best so far: weights kept)" if improved else
+                            f" (best {100 * (stopper.best_score or 0):.2f} at epoch {stopper.best_epoch})"))
+        return stopper.should_stop
+
+    def _stop_for_preemption(self, stop: Preempted, resume_path) -> None:
+        """Every rank, after the resume checkpoint of `stop` is written: wait for all, requeue the SLURM job
+        (rank 0, when allowed) and exit with PREEMPTED_EXIT_CODE."""
+        barrier()  # the checkpoint is on disk before any rank exits (a launcher may kill the rest at the first exit)
+        where = f"after iteration {stop.iteration_in_epoch} of epoch {stop.epoch + 1}" if stop.iteration_in_epoch \
+            else f"after epoch {stop.epoch}"
+        self.logger.info(f"stopped by {self.preemption.decided.name} {where}; resume checkpoint {resume_path} "
+                         f"written: the same command continues from it (exit code {PREEMPTED_EXIT_CODE})")
+        if self.dist.rank == 0:
+            requeued = requeue_slurm_job(self.preemption.decided)
+            if requeued:
+                self.logger.info(requeued)
+        self.logger.close()
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    def check_finite_model(self) -> None:
+        """No NaN/inf parameter or buffer may be saved (or reported)."""
+        bad = non_finite_tensors(self.module.state_dict().items())
+        if bad:
+            raise UserError(f"the model holds NaN/inf values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                            f"{self.divergence_hint()} (no checkpoint was written)")
+
+    def step_checkpoint(self, fitted: Fitted, lineage: dict | None, manifest: dict) -> dict:
+        """What the step checkpoint holds: the model (with the classifiers allocated ahead,
+        Method.model_classes), optimiser, scheduler and method state, the options, and where it comes from
+        (`lineage`: the step t-1 checkpoint's path and sha256) and ran (`manifest`)."""
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": fitted.weights_epoch,
+            "epochs_run": fitted.epochs_run,
+            "method_state": self.method.state_dict(),
+            "classes": list(self.module.classes),
+            "step": self.opts.step,
+            "opts": vars(self.opts),
+            "input_channels": self.opts.in_channels,
+            "lineage": lineage,
+            "manifest": manifest,
+        }
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, loader, epoch: int, start_iter: int = 0, resume_rng: dict | None = None,
@@ -255,3 +406,116 @@ class Trainer:
                             max_batches=batches_per_pass(loader, self.opts.debug))
         finally:
             self._set_train_mode()
+
+
+# Options that may differ between a run and the resume checkpoint it continues from.
+RESUME_FREE = {"command_line", "local_rank", "no_resume", "dist_timeout", "print_interval", "sample_num",
+               "num_workers", "logdir", "results_dir", "checkpoint_dir", "ckpt_interval", "data_root",
+               "allow_mismatch", "preempt_signals"}
+
+
+class ResumeCheckpoint:
+    """The step's "last" checkpoint, a hook of `Trainer.fit`: read back at the start of fit by the same
+    command after a crash; written atomically at the end of every epoch but the last, every --ckpt_interval
+    iterations and when pre-empted; removed by the caller when the step is done. It holds what makes the
+    continued run bit-identical to an uninterrupted one: model, optimiser, scheduler, grad scaler, the
+    method's resume state, early stopping's state (best weights included) and every rank's RNG and loader
+    states."""
+
+    def __init__(self, path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest  # this run's environment (utils.results.environment_manifest)
+
+    def save(self, trainer, epoch: int, iteration_in_epoch: int) -> None:
+        """`epoch` epochs and `iteration_in_epoch` iterations of the next one are done (every rank calls it)."""
+        trainer.check_finite_model()
+        generator = loader_generator(trainer.train_loader)
+        if iteration_in_epoch:  # replayed from the epoch start on resume
+            loader_state = trainer.loader_state_at_epoch_start
+        else:
+            loader_state = generator.get_state() if generator is not None else None
+        rng = all_gather_object({"rng": capture_rng_state(), "loader": loader_state})  # one per rank
+        if trainer.dist.rank == 0:
+            save_checkpoint(self.path, {
+                "model": trainer.module.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "scaler": trainer.scaler.state_dict(),
+                "method_resume": trainer.method.resume_state(),
+                "early_stopping": trainer.stopper.state_dict() if trainer.stopper is not None else None,
+                "epoch": epoch,
+                "iteration_in_epoch": iteration_in_epoch,
+                "iteration": trainer.iteration,
+                "rng_per_rank": rng,
+                "world_size": trainer.dist.world_size,
+                "manifest": self.manifest,
+                "opts": vars(trainer.opts),
+            })
+
+    def on_iteration_end(self, trainer, epoch: int, iteration_in_epoch: int) -> None:
+        """Every --ckpt_interval iterations of the step, but not at an epoch's end (the epoch's save follows)."""
+        interval = trainer.opts.ckpt_interval
+        n_iters = batches_per_pass(trainer.train_loader, trainer.opts.debug)
+        if interval and trainer.iteration % interval == 0 and iteration_in_epoch < n_iters:
+            self.save(trainer, epoch, iteration_in_epoch)
+
+    def on_fit_start(self, trainer) -> tuple[int, int, dict | None]:
+        """Restore the checkpoint when there is one: (first epoch, iterations of it already done, RNG states
+        to restore after replaying them)."""
+        dist, logger = trainer.dist, trainer.logger
+        exists = broadcast_object(self.path.is_file() if dist.rank == 0 else None)
+        if not exists:
+            return 0, 0, None
+        if trainer.opts.no_resume:
+            logger.info(f"--no_resume: starting over (ignoring {self.path})")
+            return 0, 0, None
+        state = load_checkpoint(self.path)
+        self._check_same_run(state, trainer.opts, dist.world_size)
+        self._warn_other_environment(state.get("manifest"), logger)
+        trainer.module.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.scaler.load_state_dict(state["scaler"])
+        trainer.method.load_resume_state(state["method_resume"])
+        if trainer.stopper is not None and state.get("early_stopping") is not None:
+            trainer.stopper.load_state_dict(state["early_stopping"])
+        trainer.iteration = int(state["iteration"])
+        mine = state["rng_per_rank"][dist.rank]
+        if mine["loader"] is not None:
+            loader_generator(trainer.train_loader).set_state(mine["loader"])
+        epoch, done = int(state["epoch"]), int(state["iteration_in_epoch"])
+        logger.info(f"resuming from {self.path}: epoch {epoch + 1}, iteration {done + 1} "
+                    f"(iteration {trainer.iteration} of the step); --no_resume starts over")
+        if done:
+            return epoch, done, mine["rng"]
+        restore_rng_state(mine["rng"])
+        return epoch, 0, None
+
+    def _check_same_run(self, state: dict, opts, world_size: int) -> None:
+        saved = state.get("opts", {})
+        if state.get("world_size") != world_size:
+            raise UserError(f"{self.path} was written by {state.get('world_size')} process(es), this run has "
+                            f"{world_size} (another effective batch and split of the data); run with the "
+                            f"same number of processes, on any number of nodes, or pass --no_resume")
+        ours = vars(opts)
+        changed = [k for k in sorted(set(saved) | set(ours)) if k not in RESUME_FREE and saved.get(k) != ours.get(k)]
+        if changed:
+            k = changed[0]
+            raise UserError(f"{self.path} was written with --{k} {saved.get(k)}, this run has --{k} {ours.get(k)}; "
+                            f"re-run the same command to resume, or pass --no_resume to start the step over")
+
+    def _warn_other_environment(self, saved: dict | None, logger) -> None:
+        """A requeued or restarted job may land on other machines: say what differs from the part trained
+        before (the numbers of the step may then differ from an uninterrupted run's)."""
+        if not saved:
+            return
+        ours = self.manifest
+        changed = [f"{k} {saved.get(k)} -> {ours.get(k)}" for k in POOLING_KEYS if k in saved and saved[k] != ours[k]]
+        if changed:
+            logger.info(f"warning: {self.path} was written in another environment: {'; '.join(changed)}")
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass

@@ -176,11 +176,12 @@ def kills(out: Path, n_kills: int, seed: int = 0) -> list[str]:
 def cost(out: Path) -> list[str]:
     """Time of each resume-checkpoint save vs each training epoch, in one process."""
     import run
+    import train
     from utils.checkpoint import save_checkpoint
 
     data = make_data(out)
     saves, epochs = [], []
-    original_save, original_epoch = run.Resume.save, run.Trainer.train_epoch
+    original_save, original_epoch = train.ResumeCheckpoint.save, train.Trainer.train_epoch
 
     def timed_save(self, *a, **k):
         t = time.perf_counter()
@@ -193,11 +194,11 @@ def cost(out: Path) -> list[str]:
         epochs.append(time.perf_counter() - t)
         return result
 
-    run.Resume.save, run.Trainer.train_epoch = timed_save, timed_epoch
+    train.ResumeCheckpoint.save, train.Trainer.train_epoch = timed_save, timed_epoch
     folder = out / "cost"
     shutil.rmtree(folder, ignore_errors=True)
     run.main(args_for(data, folder, 0, ["--epochs", "4", "--val_interval", "100"]))
-    run.Resume.save, run.Trainer.train_epoch = original_save, original_epoch
+    train.ResumeCheckpoint.save, train.Trainer.train_epoch = original_save, original_epoch
     mean_save, mean_epoch = float(np.mean(saves)), float(np.mean(epochs))
     rows = [f"tiny model (ResNet-18, crops 64, batch 4, {len(epochs)} epochs of the synthetic step 0): "
             f"epoch {mean_epoch:.2f} s, resume checkpoint save {mean_save:.3f} s "

@@ -32,18 +32,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import run
 from argparser import parse_args
 from benchmarks.legacy_pipeline import legacy_train_transform, read_png
 from dataset import BatchNormalize, IncrementalDataset, label_lut, load_meta
 from dataset.isprs import ISPRSCrops
+from dataset.loaders import default_num_workers
 from dataset.transforms import train_transform
 from methods import SetupContext, get_method_class
 from modules import make_model
 from process_data.isprs_processing import POTSDAM, process_dataset
 from process_data.make_synthetic_isprs import generate
 from train import Trainer, compile_model
-from utils.distributed import DistInfo
+from utils.distributed import DistInfo, available_cpus
 from utils.optimizer import make_optimizer
 
 CROP = 512
@@ -216,10 +216,10 @@ def main(argv=None):
     args.model_crop = args.model_crop or (512 if cuda else 256)
     args.batch_size = args.batch_size or (12 if cuda else 2)
     args.methods = args.methods.split(",")
-    cpus = run.available_cpus()
+    cpus = available_cpus()
     workers = [int(w) for w in args.workers.split(",")] if args.workers else list(range(1, cpus + 1))
     one = DistInfo(rank=0, world_size=1, local_rank=0, device=device, distributed=False, backend=None)
-    default_workers = run.default_num_workers(one)
+    default_workers = default_num_workers(one)
     print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}; {cpus} CPUs available; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; torch {torch.__version__}; default "
           f"--num_workers {default_workers}")

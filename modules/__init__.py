@@ -1,12 +1,7 @@
-"""Segmentation modules: the DeepLabV3 head and the incremental segmentation model (body, head, classifiers)."""
-import os
-
-import torch
-
+"""Segmentation modules: DeepLabV3 head, incremental model (body, head, per-step classifiers), step checkpoints."""
 from models import WeightsError, build_backbone, norm_act_factory
-from models.weights import FIRST_CONV
-from utils.errors import UserError
 
+from .checkpoints import check_checkpoint_bands, check_compatible, checkpoint_input_bands, load_model_weights
 from .deeplab import ASPP_RATES, DeeplabV3
 from .segmentation import IncrementalSegmentationModule, ModelOutput, classifier_prefix
 
@@ -37,29 +32,6 @@ def make_model(opts, classes):
     return IncrementalSegmentationModule(body, head, HEAD_CHANNELS, classes)
 
 
-def checkpoint_input_bands(state):
-    """Input bands of a model state dict (its first convolution), or None when it has none."""
-    weight = state.get("body." + FIRST_CONV) if isinstance(state, dict) else None
-    return int(weight.shape[1]) if weight is not None and weight.dim() == 4 else None
-
-
-def check_checkpoint_bands(path, bands, data_description):
-    """UserError when the step checkpoint at `path` was trained on another number of input bands than
-    the data (`bands`). Reads the file memory-mapped (cheap); a missing or unreadable file is left to
-    the caller's own checks."""
-    if path is None or not os.path.isfile(path):
-        return
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # noqa: BLE001 - reported by the caller's loading with the proper message
-        return
-    have = checkpoint_input_bands(checkpoint.get("model")) if isinstance(checkpoint, dict) else None
-    if have is not None and have != bands:
-        raise UserError("{path} was trained on {have}-band images but {data} has {bands} bands; use a checkpoint "
-                        "and a processed dataset with the same {channels}", path=path, have=have,
-                        data=data_description, bands=bands, channels="bands")
-
-
-__all__ = ["ASPP_RATES", "check_checkpoint_bands", "checkpoint_input_bands",
+__all__ = ["ASPP_RATES", "check_checkpoint_bands", "check_compatible", "checkpoint_input_bands", "load_model_weights",
            "DeeplabV3", "HEAD_CHANNELS", "IncrementalSegmentationModule", "ModelOutput", "classifier_prefix",
            "make_model"]

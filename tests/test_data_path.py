@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import run
 from argparser import parse_args
 from benchmarks.legacy_pipeline import legacy_eval_transform, legacy_train_transform, read_png
-from dataset import BatchNormalize, get_datasets, load_meta
+from dataset import BatchNormalize, get_datasets, load_meta, loaders
 from dataset.isprs import ISPRSCrops
 from dataset.transforms import RandomScaleCrop, train_transform
 from methods import SetupContext, get_method_class
@@ -190,27 +189,27 @@ def test_evaluation_inputs_and_predictions_equal_the_old_path(data_root):
 
 # ------------------------------------------------------------------------------ loader defaults
 def test_default_num_workers_and_loader_settings(data_root, monkeypatch):
-    monkeypatch.setattr(run, "available_cpus", lambda: 32)
+    monkeypatch.setattr(loaders, "available_cpus", lambda: 32)
     one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False, backend=None)
-    assert run.default_num_workers(one) == 8
+    assert loaders.default_num_workers(one) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert run.default_num_workers(one) == 4
-    monkeypatch.setattr(run, "available_cpus", lambda: 2)
-    assert run.default_num_workers(one) == 1
+    assert loaders.default_num_workers(one) == 4
+    monkeypatch.setattr(loaders, "available_cpus", lambda: 2)
+    assert loaders.default_num_workers(one) == 1
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert run.default_num_workers(one) == 2
+    assert loaders.default_num_workers(one) == 2
 
     o = parse_args(["--data_root", str(data_root), "--crop_size", "32", "--batch_size", "2"])
     assert o.num_workers is None
     train, val, test = get_datasets(o)
-    train_loader, _, _ = run.make_loaders(o, one, train, val, test)
+    train_loader, _, _ = loaders.make_loaders(o, one, train, val, test)
     assert train_loader.num_workers == 2 and train_loader.prefetch_factor == 4
     assert train_loader.persistent_workers and not train_loader.pin_memory  # pinned on CUDA only
 
     def draw(seed):  # two loaders with the same seed give the same augmented batches (2 workers)
         o2 = parse_args(["--data_root", str(data_root), "--crop_size", "32", "--batch_size", "2",
                          "--random_seed", str(seed)])
-        loader, _, _ = run.make_loaders(o2, one, *get_datasets(o2))
+        loader, _, _ = loaders.make_loaders(o2, one, *get_datasets(o2))
         return [b[0] for _, b in zip(range(3), loader)]
     first, again, other = draw(1), draw(1), draw(2)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -228,7 +227,7 @@ def test_training_batches_follow_the_seed_and_epoch_not_the_workers(data_root):
     def epochs(workers, n=2):
         o = parse_args(["--data_root", str(data_root), "--crop_size", "32", "--batch_size", "2",
                         "--num_workers", str(workers)])
-        loader, _, _ = run.make_loaders(o, one, *get_datasets(o))
+        loader, _, _ = loaders.make_loaders(o, one, *get_datasets(o))
         torch.manual_seed(123)
         before = torch.get_rng_state()
         batches = [[(images.clone(), labels.clone()) for images, labels in loader] for _ in range(n)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.atomic_files import atomic_write
+from utils.atomic_files import atomic_write, remove_stale_temps
 from utils.errors import UserError
 
 
@@ -73,6 +73,17 @@ def check_writable(folder, option: str) -> Path:
         where = folder if existing == folder else f"{folder} (at {existing})"
         raise UserError(f"cannot write to {where} ({reason}); pass a writable folder with {option}") from None
     return folder
+
+
+def prepare_outputs(folders: dict, files) -> None:
+    """Before a run writes anything: every output folder of `folders` ({option: folder}) writable
+    (check_writable), and the temp files that killed atomic saves of `files` left removed."""
+    for option, folder in folders.items():
+        check_writable(folder, option)
+    removed = remove_stale_temps(files)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) of interrupted saves: {', '.join(map(str, removed))}",
+              flush=True)
 
 
 def check_free_space(folder, needed_bytes: int, what: str) -> None:

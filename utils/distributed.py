@@ -374,13 +374,13 @@ class DistributedEvalSampler(Sampler):
 LOCAL_RANK_OPTIONS = ("--local_rank", "--local-rank")
 
 
-def relaunch_command(argv: list[str], script: str = "run.py", env=None) -> list[str]:
+def relaunch_command(argv: list[str], script: str = "run.py", env=None, drop=()) -> list[str]:
     """The command line that started this process, as a user would type it again (for hints).
 
     Keeps the launcher (`torchrun --nproc_per_node=N` when started by torchrun, `python -m
     torch.distributed.launch --nproc_per_node=N` when the old launcher passed --local_rank, `srun
     --nodes=M --ntasks-per-node=N` for srun's tasks) and drops --local_rank / --local-rank, which the
-    launcher adds itself.
+    launcher adds itself, and the options named in `drop` (with their values).
     """
     env = os.environ if env is None else env
     kept, skip, old_launcher = [], False, False
@@ -391,7 +391,9 @@ def relaunch_command(argv: list[str], script: str = "run.py", env=None) -> list[
             skip, old_launcher = True, True
         elif arg.startswith(tuple(name + "=" for name in LOCAL_RANK_OPTIONS)):
             old_launcher = True
-        else:
+        elif arg in drop:
+            skip = True
+        elif not arg.startswith(tuple(name + "=" for name in drop)):
             kept.append(arg)
     world_size = int(env.get("WORLD_SIZE") or 1)
     per_node = int(env.get("LOCAL_WORLD_SIZE") or world_size)

@@ -1,0 +1,79 @@
+"""A step's report: the record a results row keeps besides the numbers (kind, seed, processes, git commit,
+checkpoints, environment manifest), the pending mark after training, and the test's table, TensorBoard
+figures, results row and task curve. Names and values come in from the caller (utils imports nothing above it)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from utils.logger import write_task_curve
+from utils.metrics import format_table
+from utils.results import environment_manifest, mark_pending, read_results, write_results
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs, when it is a git checkout (None otherwise)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_manifest(opts, dist) -> dict:
+    """The run's reproducibility manifest (utils.results.environment_manifest)."""
+    return environment_manifest(dist.device, dist.world_size, dist.local_world_size, dist.nodes, dist.launcher,
+                                vars(opts))
+
+
+class StepReport:
+    """What one step reports, on rank 0 (the writing methods are called there only).
+
+    channel_names: every channel of the task (background first, then the classes in task order);
+    class_names: the dataset's classes; channel_to_class: a tensor mapping channels to dataset classes
+    (for the palette of the prediction figure); meta: the data's meta.json (mean, std, palette)."""
+
+    def __init__(self, opts, dist, logger, channel_names, class_names, channel_to_class, meta: dict):
+        self.opts, self.dist, self.logger = opts, dist, logger
+        self.channel_names, self.class_names = list(channel_names), list(class_names)
+        self.channel_to_class, self.meta = channel_to_class, meta
+        self.manifest = run_manifest(opts, dist)
+
+    def record(self, kind: str, checkpoint: dict, previous: dict | None) -> dict:
+        """What a results row records besides the numbers (utils/results.py)."""
+        opts, dist = self.opts, self.dist
+        return {"kind": kind, "seed": opts.random_seed, "world_size": dist.world_size,
+                "effective_batch_size": opts.batch_size * dist.world_size, "git_commit": git_commit(),
+                "debug": bool(opts.debug), "checkpoint": checkpoint, "previous_checkpoint": previous,
+                "manifest": self.manifest}
+
+    def trained(self, results_path, record: dict) -> None:
+        """Right after the step checkpoint is written: until the test writes the new row, the old run's
+        numbers must not stand beside the new checkpoint; later steps trained from the replaced model are
+        marked stale."""
+        opts = self.opts
+        stale = mark_pending(results_path, opts.step, record, self.channel_names)
+        if stale:
+            self.logger.info(f"warning: step(s) {', '.join(map(str, stale))} of {opts.name} were trained from the "
+                             f"replaced step {opts.step} and are marked stale in the results; re-train them")
+
+    def tested(self, rid, results: dict, samples, num_seen: int, record: dict | None) -> Path:
+        """The test's numbers -> console, TensorBoard (numbers and prediction figure), the results row of
+        `rid` and its task curve (mIoU old/new/all against the step, rebuilt from the results file)."""
+        opts, logger, meta = self.opts, self.logger, self.meta
+        names = self.channel_names[:num_seen]
+        logger.add_results(results, opts.step, names)
+        if samples:
+            images, labels, preds = samples
+            to_class = self.channel_to_class
+            logger.add_prediction_figure("test/predictions", images, to_class[labels], to_class[preds],
+                                         meta["mean"], meta["std"], opts.step, self.class_names, meta.get("palette"))
+        protocol = results["protocol"]
+        logger.info(f"test of step {opts.step} ({rid.tag}, {opts.name}; {protocol['test_crops']} test crops, "
+                    f"unseen classes -> {protocol['test_unseen']}):\n{format_table(results, names)}")
+        path = write_results(rid.results(opts.results_dir), opts.step, results, self.channel_names, range(num_seen),
+                             vars(opts), record=record)
+        logger.info(f"results row of step {opts.step} written to {path}")
+        write_task_curve(rid.task_curve_dir(opts.logdir), read_results(path))
+        return path
