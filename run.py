@@ -26,14 +26,7 @@ from methods import SetupContext, get_method_class
 from models import norm_act_factory
 from modules import check_checkpoint_bands, check_compatible, load_model_weights, make_model
 from train import ResumeCheckpoint, Trainer, batches_per_pass, test, training_model
-from utils.checkpoint import (
-    check_free_space,
-    file_sha256,
-    load_checkpoint,
-    prepare_outputs,
-    save_checkpoint,
-    tensor_bytes,
-)
+from utils.checkpoint import file_sha256, load_checkpoint, prepare_outputs, save_checkpoint
 from utils.distributed import barrier, cleanup, init_distributed, relaunch_command
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError, exit_on_user_error
@@ -48,7 +41,7 @@ from utils.scheduler import build_scheduler
 @dataclass
 class Step:
     """What one step's run holds besides its models: options, processes, identity, classes per step,
-    the data's meta.json, the log and the report."""
+    the data's meta.json, the log, the report and the step checkpoint."""
 
     opts: object
     dist: object
@@ -57,10 +50,7 @@ class Step:
     meta: dict
     logger: Logger
     report: StepReport
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.rid.checkpoint(self.opts.checkpoint_dir, self.opts.step)
+    checkpoint: Path  # the step checkpoint this run writes (or tests)
 
 
 @exit_on_user_error
@@ -103,20 +93,13 @@ def run_step(opts, dist, preemption=None) -> dict:
         prepare_outputs(folders if opts.test else {"--checkpoint_dir": ckpt.parent, **folders},
                         [ckpt, last, results, results.with_suffix(".json")])
     logger = Logger(logdir, rank=dist.rank)
-    logger.info(f"{'test' if opts.test else 'train'} step {opts.step} of {rid.tag} with {opts.method} "
-                f"({opts.name}, seed {opts.random_seed}); classes per step {classes}; {dist.world_size} process(es) "
-                f"on {dist.device}"
-                + (f" ({torch.get_num_threads()} threads each)" if dist.device.type == "cpu" else ""))
-    if dist.launcher == "srun" and dist.distributed:
-        logger.info(f"launched by srun: {dist.world_size} tasks on {dist.nodes} node(s) ({dist.local_world_size} on "
-                    f"this one) join one process group at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
-                    f"(the first host of the job's nodes, a port from the job id)")
-    # after init_distributed: iabn_sync synchronises over the process group when there is one (models.norm_act)
-    logger.info(f"normalisation --norm_act {opts.norm_act}: {norm_act_factory(opts.norm_act).implementation}")
     report = StepReport(opts, dist, logger, tasks.channel_names(opts.dataset, opts.task),
                         tasks.class_names(opts.dataset),
                         torch.from_numpy(tasks.channel_to_class(opts.dataset, opts.task)).long(), meta)
-    step = Step(opts, dist, rid, classes, meta, logger, report)
+    report.started(rid, classes)
+    # after init_distributed: iabn_sync synchronises over the process group when there is one (models.norm_act)
+    logger.info(f"normalisation --norm_act {opts.norm_act}: {norm_act_factory(opts.norm_act).implementation}")
+    step = Step(opts, dist, rid, classes, meta, logger, report, rid.checkpoint(opts.checkpoint_dir, opts.step))
     return test_step(step) if opts.test else train_step(step, preemption)
 
 
@@ -126,7 +109,7 @@ def train_step(step: Step, preemption) -> dict:
     # comes in `setup` below. A missing or incompatible step t-1 checkpoint is reported before anything else
     # is read.
     method = get_method_class(opts.method)(opts, opts.step, classes)
-    previous = read_previous_step(step) if opts.step > 0 else None
+    previous = previous_checkpoint(opts, logger) if opts.step > 0 else None
     # 1. data and loaders
     train_loader, val_loader, test_loader = make_loaders(opts, dist, *get_datasets(opts))
     # 2. model (step t-1 weights at t > 0) and old model
@@ -154,14 +137,11 @@ def train_step(step: Step, preemption) -> dict:
     iters = opts.epochs * batches_per_pass(train_loader, opts.debug)
     scheduler = build_scheduler(opts.lr_policy, optimizer, max_iters=iters, power=opts.lr_power,
                                 step_size=opts.lr_decay_step, gamma=opts.lr_decay_factor)
-    if dist.rank == 0:
-        # room for the resume checkpoint (model, momentum, method state) and its temp copy while replaced
-        estimate = 2 * tensor_bytes(model.state_dict()) + tensor_bytes(method.state_dict())
-        check_free_space(step.checkpoint.parent, 2 * estimate, "a checkpoint of this model")
-    trainer = Trainer(training_model(model, dist, opts.compile), old_model, method, optimizer, scheduler, opts, dist,
-                      logger, input_norm=input_norm)
-    trainer.preemption = preemption
     resume = ResumeCheckpoint(step.rid.last_checkpoint(opts.checkpoint_dir, opts.step), step.report.manifest)
+    if dist.rank == 0:
+        resume.check_room(model, method)
+    trainer = Trainer(training_model(model, dist, opts.compile), old_model, method, optimizer, scheduler, opts, dist,
+                      logger, input_norm=input_norm, preemption=preemption)
     stopper = EarlyStopping(opts.patience) if opts.patience else None
     fitted = trainer.fit(train_loader, val_loader, sum(classes), stopper, resume)
     finished = method.finish_training(model)  # e.g. EWF's weight fusion: before the checkpoint and the test
@@ -172,10 +152,7 @@ def train_step(step: Step, preemption) -> dict:
     record = None
     if dist.rank == 0:
         save_checkpoint(step.checkpoint, trainer.step_checkpoint(fitted, lineage, step.report.manifest))
-        digest = file_sha256(step.checkpoint)
-        logger.info(f"saved {step.checkpoint} (sha256 {digest[:12]})")
-        record = step.report.record("train", {"path": str(step.checkpoint), "sha256": digest}, lineage)
-        step.report.trained(step.rid.results(opts.results_dir), record)
+        record = step.report.trained(step.rid, step.checkpoint, lineage)
     barrier()
     # 6. test and report
     results = test_and_report(step, model, test_loader, record, step.rid)
@@ -200,10 +177,7 @@ def test_step(step: Step) -> dict:
     logger.info(f"testing {path}")
     test_loader = make_loaders(opts, dist, None, None, get_datasets(opts)[2])[2]
     own = path.resolve() == step.checkpoint.resolve() if step.checkpoint.exists() else False
-    record = None
-    if dist.rank == 0:
-        record = step.report.record("test", {"path": str(path), "sha256": file_sha256(path)},
-                                    checkpoint.get("lineage"))
+    record = step.report.record("test", path, checkpoint.get("lineage"))
     results = test_and_report(step, model, test_loader, record, step.rid if own else step.rid.testing(path))
     logger.close()
     return results
@@ -228,9 +202,7 @@ def build_model(opts, dist, classes, no_pretrained=None):
         no_pretrained = not (opts.step == 0 and not opts.test and not opts.no_pretrained)
     task_classes = tasks.get_per_task_classes(opts.dataset, opts.task, tasks.num_steps(opts.dataset, opts.task) - 1)
     classes = get_method_class(opts.method).model_classes(classes, task_classes)
-    options = type(opts)(**vars(opts))
-    options.no_pretrained = no_pretrained
-    model = make_model(options, classes)
+    model = make_model(type(opts)(**{**vars(opts), "no_pretrained": no_pretrained}), classes)
     memory_format = torch.channels_last if opts.channels_last else torch.contiguous_format
     return model.to(dist.device).to(memory_format=memory_format)
 
@@ -240,22 +212,18 @@ def previous_checkpoint_path(opts):
     return opts.step_ckpt or run_id(opts).checkpoint(opts.checkpoint_dir, opts.step - 1)
 
 
-def previous_checkpoint(opts) -> tuple[str, dict]:
-    """(path, contents) of the step t-1 checkpoint; missing, the error gives the command that trains it."""
+def previous_checkpoint(opts, logger) -> tuple[str, dict]:
+    """t > 0: (path, contents) of the step t-1 checkpoint, checked against this run's options; missing, the
+    error gives the command that trains it."""
     path = previous_checkpoint_path(opts)
     if not os.path.isfile(path):
         command = [*relaunch_command(opts.command_line, drop=("--step", "--lr")),
                    "--step", str(opts.step - 1), "--lr", f"{default_lr(opts.step - 1):g}"]
         raise UserError(f"step {opts.step - 1} checkpoint {path} not found; train it first "
                         f"({shlex.join(command)}) or pass --step_ckpt")
-    return path, load_checkpoint(path)
-
-
-def read_previous_step(step: Step) -> tuple[str, dict]:
-    """t > 0: (path, contents) of the step t-1 checkpoint, checked against this run's options."""
-    prev_path, prev = previous_checkpoint(step.opts)
-    check_compatible(step.opts, prev, prev_path, step.logger)
-    return prev_path, prev
+    checkpoint = load_checkpoint(path)
+    check_compatible(opts, checkpoint, path, logger)
+    return path, checkpoint
 
 
 def load_previous_step(step: Step, model, method, previous):

@@ -19,11 +19,13 @@ from tqdm import tqdm
 
 from utils.checkpoint import (
     capture_rng_state,
+    check_free_space,
     load_checkpoint,
     loader_generator,
     non_finite_tensors,
     restore_rng_state,
     save_checkpoint,
+    tensor_bytes,
 )
 from utils.distributed import all_gather_object, all_reduce_sum, barrier, broadcast_buffers, broadcast_object
 from utils.errors import UserError
@@ -143,7 +145,8 @@ def unwrap(model):
 
 
 class Trainer:
-    def __init__(self, model, old_model, method, optimizer, scheduler, opts, dist, logger, input_norm=None):
+    def __init__(self, model, old_model, method, optimizer, scheduler, opts, dist, logger, input_norm=None,
+                 preemption=None):
         self.model = model  # possibly DDP-wrapped and/or compiled: used for training forwards
         self.module = unwrap(model)  # for evaluation and state
         # uint8 N x H x W x C batches -> normalised float N x C x H x W on the device (None: batches
@@ -165,7 +168,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         self.iteration = 0
         self.loader_state_at_epoch_start = None  # the loader generator's state before this epoch's draws
-        self.preemption = None  # utils.preemption.Preemption: asked after every iteration inside an epoch
+        self.preemption = preemption  # utils.preemption.Preemption: asked after every iteration inside an epoch
         self.train_loader = None  # while `fit` runs: its training loader and early stopping, which the
         self.stopper = None  # resume checkpoint saves and restores
 
@@ -425,6 +428,12 @@ class ResumeCheckpoint:
     def __init__(self, path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest  # this run's environment (utils.results.environment_manifest)
+
+    def check_room(self, model, method) -> None:
+        """Before training (rank 0): room for this checkpoint (model, momentum, method state) and its temp
+        copy while it is replaced."""
+        estimate = 2 * tensor_bytes(model.state_dict()) + tensor_bytes(method.state_dict())
+        check_free_space(self.path.parent, 2 * estimate, "a checkpoint of this model")
 
     def save(self, trainer, epoch: int, iteration_in_epoch: int) -> None:
         """`epoch` epochs and `iteration_in_epoch` iterations of the next one are done (every rank calls it)."""

@@ -149,7 +149,7 @@ def test_missing_step_hint_keeps_the_launcher(monkeypatch, tmp_path):
     opts = parse_args(argv)
     opts.command_line = argv
     with pytest.raises(UserError) as exc:
-        run.previous_checkpoint(opts)
+        run.previous_checkpoint(opts, logger=None)
     message = str(exc.value)
     assert "(python -m torch.distributed.launch --nproc_per_node=2 run.py --task 4-1 --checkpoint_dir" in message
     assert "--step 0 --lr 0.01)" in message and "local" not in message

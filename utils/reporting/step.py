@@ -3,9 +3,13 @@ checkpoints, environment manifest), the pending mark after training, and the tes
 figures, results row and task curve. Names and values come in from the caller (utils imports nothing above it)."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
+import torch
+
+from utils.checkpoint import file_sha256
 from utils.logger import write_task_curve
 from utils.metrics import format_table
 from utils.results import environment_manifest, mark_pending, read_results, write_results
@@ -40,23 +44,43 @@ class StepReport:
         self.channel_to_class, self.meta = channel_to_class, meta
         self.manifest = run_manifest(opts, dist)
 
-    def record(self, kind: str, checkpoint: dict, previous: dict | None) -> dict:
-        """What a results row records besides the numbers (utils/results.py)."""
+    def started(self, rid, classes) -> None:
+        """What runs where: the step, method, classes, processes and device, and srun's process group."""
+        opts, dist, logger = self.opts, self.dist, self.logger
+        logger.info(f"{'test' if opts.test else 'train'} step {opts.step} of {rid.tag} with {opts.method} "
+                    f"({opts.name}, seed {opts.random_seed}); classes per step {classes}; {dist.world_size} "
+                    f"process(es) on {dist.device}"
+                    + (f" ({torch.get_num_threads()} threads each)" if dist.device.type == "cpu" else ""))
+        if dist.launcher == "srun" and dist.distributed:
+            logger.info(f"launched by srun: {dist.world_size} tasks on {dist.nodes} node(s) ({dist.local_world_size} "
+                        f"on this one) join one process group at {os.environ['MASTER_ADDR']}:"
+                        f"{os.environ['MASTER_PORT']} (the first host of the job's nodes, a port from the job id)")
+
+    def record(self, kind: str, checkpoint_path, previous: dict | None) -> dict | None:
+        """Rank 0 (None on the others): what a results row records besides the numbers (utils/results.py)
+        for the `kind` ("train" or "test") of the checkpoint at `checkpoint_path`, hashed here; `previous`:
+        the lineage, the step t-1 checkpoint's path and hash."""
         opts, dist = self.opts, self.dist
+        if dist.rank != 0:
+            return None
+        checkpoint = {"path": str(checkpoint_path), "sha256": file_sha256(checkpoint_path)}
         return {"kind": kind, "seed": opts.random_seed, "world_size": dist.world_size,
                 "effective_batch_size": opts.batch_size * dist.world_size, "git_commit": git_commit(),
                 "debug": bool(opts.debug), "checkpoint": checkpoint, "previous_checkpoint": previous,
                 "manifest": self.manifest}
 
-    def trained(self, results_path, record: dict) -> None:
-        """Right after the step checkpoint is written: until the test writes the new row, the old run's
-        numbers must not stand beside the new checkpoint; later steps trained from the replaced model are
-        marked stale."""
+    def trained(self, rid, checkpoint_path, lineage: dict | None) -> dict:
+        """Right after the step checkpoint is written: its hash, and its results row marked pending (until
+        the test writes the new row, the old run's numbers must not stand beside the new checkpoint; later
+        steps trained from the replaced model are marked stale). Returns the run record of the training."""
         opts = self.opts
-        stale = mark_pending(results_path, opts.step, record, self.channel_names)
+        record = self.record("train", checkpoint_path, lineage)
+        self.logger.info(f"saved {checkpoint_path} (sha256 {record['checkpoint']['sha256'][:12]})")
+        stale = mark_pending(rid.results(opts.results_dir), opts.step, record, self.channel_names)
         if stale:
             self.logger.info(f"warning: step(s) {', '.join(map(str, stale))} of {opts.name} were trained from the "
                              f"replaced step {opts.step} and are marked stale in the results; re-train them")
+        return record
 
     def tested(self, rid, results: dict, samples, num_seen: int, record: dict | None) -> Path:
         """The test's numbers -> console, TensorBoard (numbers and prediction figure), the results row of
