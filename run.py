@@ -25,7 +25,7 @@ from dataset.loaders import input_normalizer, make_loaders
 from methods import SetupContext, get_method_class
 from models import norm_act_factory
 from modules import check_checkpoint_bands, check_compatible, load_model_weights, make_model
-from train import ResumeCheckpoint, Trainer, batches_per_pass, test, training_model
+from train import ResumeCheckpoint, Trainer, batches_per_pass, final_test, training_model
 from utils.checkpoint import file_sha256, load_checkpoint, prepare_outputs, save_checkpoint
 from utils.distributed import barrier, cleanup, init_distributed, relaunch_command
 from utils.early_stopping import EarlyStopping
@@ -100,10 +100,10 @@ def run_step(opts, dist, preemption=None) -> dict:
     # after init_distributed: iabn_sync synchronises over the process group when there is one (models.norm_act)
     logger.info(f"normalisation --norm_act {opts.norm_act}: {norm_act_factory(opts.norm_act).implementation}")
     step = Step(opts, dist, rid, classes, meta, logger, report, rid.checkpoint(opts.checkpoint_dir, opts.step))
-    return test_step(step) if opts.test else train_step(step, preemption)
+    return run_test(step) if opts.test else run_training(step, preemption)
 
 
-def train_step(step: Step, preemption) -> dict:
+def run_training(step: Step, preemption) -> dict:
     opts, dist, logger, classes = step.opts, step.dist, step.logger, step.classes
     # The method from the options alone (argparser checked them with its `validate`); its per-step state
     # comes in `setup` below. A missing or incompatible step t-1 checkpoint is reported before anything else
@@ -162,7 +162,7 @@ def train_step(step: Step, preemption) -> dict:
     return results
 
 
-def test_step(step: Step) -> dict:
+def run_test(step: Step) -> dict:
     """--test: the step's own checkpoint refreshes the step's row; any other --ckpt gets its own results
     file, so a test never replaces the training row of another model."""
     opts, dist, logger = step.opts, step.dist, step.logger
@@ -186,8 +186,8 @@ def test_step(step: Step) -> dict:
 def test_and_report(step: Step, model, test_loader, record: dict | None, rid: RunId) -> dict:
     """Final test of the (unwrapped) model on every test crop (all seen classes) -> console, TensorBoard,
     the results row of `rid`."""
-    opts = step.opts
-    results, samples = test(model, test_loader, step.classes, step.dist.device, opts, input_normalizer(opts, step.meta))
+    opts, input_norm = step.opts, input_normalizer(step.opts, step.meta)
+    results, samples = final_test(model, test_loader, step.classes, step.dist.device, opts, input_norm)
     results["protocol"] = data_protocol(opts)  # label convention of the test (recorded in the JSON)
     if step.dist.rank == 0:
         step.report.tested(rid, results, samples, sum(step.classes), record)

@@ -1,6 +1,6 @@
 """The Trainer and the step's loop: `Trainer.fit` runs the epochs (per-iteration schedule, AMP, DDP) from
 where a resume checkpoint left off, validates, stops early (--patience), writes the resume checkpoints
-(ResumeCheckpoint) and stops for pre-emption; `test` is the step's final test. It only calls the
+(ResumeCheckpoint) and stops for pre-emption; `final_test` is the step's final test. It only calls the
 Method's hooks and knows no method by name."""
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def evaluate(model, loader, num_classes: int, device, input_norm=None, amp_dtype
     return metrics, samples
 
 
-def test(model, loader, classes, device, opts, input_norm=None):
+def final_test(model, loader, classes, device, opts, input_norm=None):
     """The step's final test of the unwrapped `model` on every crop of `loader`, over all classes seen
     (`classes`: per step; channel 0 background, then the classes in task order, old = step 0's, new = the
     later steps'). Returns (results, samples) as `SegmentationMetrics.results` and `evaluate` give them."""

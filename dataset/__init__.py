@@ -1,4 +1,4 @@
-"""Crop datasets (utils/data_layout.py), the incremental wrapper (split files + label remapping), transforms."""
+"""Crop datasets (utils/data_layout.py), the incremental wrapper (split files + remapping), transforms, loaders."""
 import sys
 
 import numpy as np
