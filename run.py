@@ -104,6 +104,7 @@ def run_step(opts, dist, preemption=None) -> dict:
 
 
 def run_training(step: Step, preemption) -> dict:
+    """Train the step (Trainer.fit), write its checkpoint, test it and report; returns the test's results."""
     opts, dist, logger, classes = step.opts, step.dist, step.logger, step.classes
     # The method from the options alone (argparser checked them with its `validate`); its per-step state
     # comes in `setup` below. A missing or incompatible step t-1 checkpoint is reported before anything else
@@ -114,9 +115,7 @@ def run_training(step: Step, preemption) -> dict:
     train_loader, val_loader, test_loader = make_loaders(opts, dist, *get_datasets(opts))
     # 2. model (step t-1 weights at t > 0) and old model
     model = build_model(opts, dist, classes)
-    old_model, previous_state, lineage = None, None, None
-    if previous is not None:
-        old_model, previous_state, lineage = load_previous_step(step, model, method, previous)
+    old_model, previous_state, lineage = load_previous_step(step, model, method, previous) if previous else (None,) * 3
     logger.info(f"{len(train_loader.dataset)} training crops, {len(val_loader.dataset) if val_loader else 0} "
                 f"validation, {len(test_loader.dataset)} test")
     if opts.freeze and not opts.regularizer:
