@@ -1,4 +1,5 @@
 """Segmentation modules: the DeepLabV3 head and the incremental segmentation model (body, head, classifiers)."""
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -29,6 +30,12 @@ class ModelOptions:
     pretrained: str | None = None
     pooling_size: int | None = 32
     in_channels: int = 3
+
+    @classmethod
+    def from_recorded(cls, options: dict, **changes) -> "ModelOptions":
+        """The model options a checkpoint recorded with its options (those it lacks keep their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in options.items() if k in names}, **changes})
 
 
 def make_model(model: ModelOptions, classes):
