@@ -164,8 +164,8 @@ def results_files(out: Path) -> list[Path]:
 
 
 def output_layout(out: Path) -> list[str]:
-    """Every file a run wrote, relative to `out`; TensorBoard event files (named by time and host) by their
-    folder, lock files (an implementation detail) left out."""
+    """The files a run wrote, relative to `out`; TensorBoard event files (named by time and host, one per
+    process that logged) by their folder, lock files (an implementation detail) left out."""
     files = []
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = path.relative_to(out)
@@ -173,7 +173,7 @@ def output_layout(out: Path) -> list[str]:
             continue
         files.append(str(rel.parent / "events.out.tfevents.*") if path.name.startswith("events.out.tfevents")
                      else str(rel))
-    return sorted(files)
+    return sorted(set(files))
 
 
 def csv_rows(path: Path, steps=None) -> list[dict]:
@@ -310,20 +310,24 @@ def test_baseline_resume_checkpoint_continued_by_the_working_tree(baseline_tree,
 
     argv = step_args(data_root, resumed, "FT", "4-1", 0, RESUME_EXTRA)
     last = resumed / "ckpt" / "step" / "4-1-vaihingen_FT_0.last.pth"
-    proc = subprocess.Popen(_command(argv), cwd=baseline_tree, env=dict(_env(baseline_tree), PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "w") as stderr:
+        proc = subprocess.Popen(_command(argv), cwd=baseline_tree, env=dict(_env(baseline_tree), PYTHONUNBUFFERED="1"),
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
     try:
-        # Its first line comes once the signal handlers are in place, well before the first iteration
+        # Its first log line comes once the signal handlers are in place, well before the first iteration
         # ends: the run stops after that iteration, in the middle of epoch 1.
-        first = proc.stdout.readline()
-        assert first.startswith("train step 0"), first + proc.stdout.read()[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        output = first + proc.communicate(timeout=300)[0]
+        for line in proc.stdout:
+            if line.startswith("train step 0"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 75, f"the baseline run was not pre-empted (exit {proc.returncode}): {output[-3000:]}"
+    assert proc.returncode == 75, \
+        f"the baseline run was not pre-empted (exit {proc.returncode}): {errors.read_text()[-3000:]}"
     assert last.is_file() and not step_checkpoints_exist(resumed), "the step ended before the stop"
     stopped = load(last)
 
