@@ -10,10 +10,10 @@ and previous_sha256 columns (the files record their own options and paths, so th
 the write time, and the output folder itself (each run has its own, replaced by `<out>` before
 comparing).
 
-Moving the baseline: a commit that changes training or results ON PURPOSE (e.g. a new augmentation)
-sets BASELINE_COMMIT to itself, i.e. to the full sha of the commit that introduces the change, once
-that commit exists (commit the change, then a second commit setting the constant; or amend), and
-says in its message what moved and why. Never move it to make an unexplained difference go away.
+Moving the baseline: after a change of training or results made ON PURPOSE (e.g. a new augmentation),
+set BASELINE_COMMIT to the commit that introduces it: commit the change (this test fails on it), then
+set the constant to that commit's full sha (`git rev-parse HEAD`) in the next commit, whose message
+says what moved and why. Never move it to make an unexplained difference go away.
 
 Needs git and the baseline commit in the repository: where they are missing (a source archive, a
 shallow clone) the tests are skipped with one line, except under CI (CI=true), where they fail.
