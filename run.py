@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 import tasks
-from argparser import default_lr, parse_args, run_id
-from dataset import data_protocol, get_datasets, load_meta
+from argparser import data_options, default_lr, parse_args, run_id
+from dataset import get_datasets, load_meta
 from dataset.loaders import input_normalizer, make_loaders
 from methods import SetupContext, get_method_class
 from models import norm_act_factory
@@ -112,7 +112,7 @@ def run_training(step: Step, preemption) -> dict:
     method = get_method_class(opts.method)(opts, opts.step, classes)
     previous = previous_checkpoint(opts, logger) if opts.step > 0 else None
     # 1. data and loaders
-    train_loader, val_loader, test_loader = make_loaders(opts, dist, *get_datasets(opts))
+    train_loader, val_loader, test_loader = make_loaders(opts, dist, *get_datasets(data_options(opts)))
     # 2. model (step t-1 weights at t > 0) and old model
     model = build_model(opts, dist, classes)
     old_model, previous_state, lineage = load_previous_step(step, model, method, previous) if previous else (None,) * 3
@@ -174,7 +174,7 @@ def run_test(step: Step) -> dict:
     check_compatible(opts, checkpoint, path, logger)
     load_model_weights(model, checkpoint, path)
     logger.info(f"testing {path}")
-    test_loader = make_loaders(opts, dist, None, None, get_datasets(opts)[2])[2]
+    test_loader = make_loaders(opts, dist, None, None, get_datasets(data_options(opts))[2])[2]
     own = path.resolve() == step.checkpoint.resolve() if step.checkpoint.exists() else False
     record = step.report.record("test", path, checkpoint.get("lineage"))
     results = test_and_report(step, model, test_loader, record, step.rid if own else step.rid.testing(path))
@@ -187,7 +187,7 @@ def test_and_report(step: Step, model, test_loader, record: dict | None, rid: Ru
     the results row of `rid`."""
     opts, input_norm = step.opts, input_normalizer(step.opts, step.meta)
     results, samples = final_test(model, test_loader, step.classes, step.dist.device, opts, input_norm)
-    results["protocol"] = data_protocol(opts)  # label convention of the test (recorded in the JSON)
+    results["protocol"] = data_options(opts).protocol()  # label convention of the test (recorded in the JSON)
     if step.dist.rank == 0:
         step.report.tested(rid, results, samples, sum(step.classes), record)
     return results

@@ -64,11 +64,11 @@ def check_hyperparameters(importance=None, alpha=None, iterations=None) -> None:
         raise UserError(f"--reg_iterations must be >= 1, got {iterations}; it is RW's score interval K")
 
 
-def check_options(opts) -> None:
+def check_options(options) -> None:
     """The regulariser's options when --regularizer is given (Method.validate); options the namespace
     lacks are left to the regulariser's defaults."""
-    if getattr(opts, "regularizer", None):
-        check_hyperparameters(*(getattr(opts, f"reg_{key}", None) for key in ("importance", "alpha", "iterations")))
+    if getattr(options, "regularizer", None):
+        check_hyperparameters(*(getattr(options, f"reg_{key}", None) for key in ("importance", "alpha", "iterations")))
 
 
 class Regularizer:

@@ -2,14 +2,13 @@
 import json
 import pickle
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import tasks
-from dataset import get_datasets, label_lut, load_meta, split_file
+from dataset import DataOptions, get_datasets, label_lut, load_meta, split_file
 from dataset.isprs import ISPRSCrops
 from dataset.transforms import (
     BatchNormalize,
@@ -33,7 +32,7 @@ def opts(data_root, **overrides):
     base = dict(data_root=str(data_root), dataset="vaihingen", task="4-1", step=0, overlap=False,
                 crop_size=48, cross_val=False, random_seed=42)
     base.update(overrides)
-    return SimpleNamespace(**base)
+    return DataOptions(**base)
 
 
 def reference_remap(value, new, old, mode):
