@@ -40,8 +40,9 @@ from dataset.isprs import ISPRSCrops
 from dataset.transforms import train_transform
 from methods import SetupContext, get_method_class
 from modules import make_model
-from process_data.isprs_processing import POTSDAM, process_dataset
+from process_data.isprs_processing import POTSDAM
 from process_data.make_synthetic_isprs import generate
+from process_data.tile_processing import process_dataset
 from train import Trainer, compile_model
 from utils.distributed import DistInfo
 from utils.optimizer import make_optimizer

@@ -80,7 +80,7 @@ def get_datasets(opts):
 
     path = split_file(data_root, dataset, task, step, protocol["filter_mode"])
     if not tasks.is_shipped(dataset, task):  # a task file's task: its split files follow the file, from meta.json
-        from process_data.tile_processing import write_splits  # the processing's own split rules
+        from process_data.splits import write_splits  # the processing's own split rules
         try:
             write_splits(dataset_dir(data_root, dataset), meta, only_task=task, unchanged_ok=True)
         except OSError as err:

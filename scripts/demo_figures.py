@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 import tasks
-from process_data.tile_processing import _read_tile
 from utils.colormap import CLASS_NAMES, colorize, decode_colors
 from utils.errors import UserError, exit_on_user_error
 from utils.results import read_results
@@ -103,7 +102,7 @@ def predictions_figure(runs, src, data_root, step: int, size: int, device):
     with source:
         best = None
         for _, tile, image_loc, label_loc in chosen:  # the tile with the most new-class pixels
-            image, label_rgb = _read_tile(source, layout, image_loc, label_loc, first.meta["channels"])
+            image, label_rgb = layout.read_tile(source, image_loc, label_loc, first.meta["channels"])
             label, _ = decode_colors(label_rgb)
             count = int(np.isin(label, new_classes).sum())
             if best is None or count > best[0]:

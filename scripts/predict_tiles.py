@@ -27,7 +27,9 @@ from PIL import Image
 import tasks
 from dataset import label_lut, load_meta
 from modules import make_model
-from process_data.tile_processing import RawSource, _locate_tiles, _read_tile, as_layout, crop_positions
+from process_data.archives import RawSource
+from process_data.tile_processing import as_layout
+from process_data.tiling import crop_positions
 from utils.checkpoint import load_checkpoint
 from utils.colormap import colorize
 from utils.distributed import choose_device, cpu_threads_per_process, gpu_driver_present
@@ -172,7 +174,7 @@ def locate(step_model: StepModel, src, tile_ids, labels, spec=None):
     layout = as_layout(spec or step_model.dataset)
     source = RawSource(src, layout.wanted_folders())
     try:
-        found, _ = _locate_tiles(layout, source, step_model.meta["channels"], labels)
+        found, _ = layout.locate(source, step_model.meta["channels"], labels)
     except BaseException:
         source.close()
         raise
@@ -210,7 +212,7 @@ def predict_tiles(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         for split, tile, image_loc, label_loc in chosen:
             start = time.time()
-            image, label_rgb = _read_tile(source, layout, image_loc, label_loc, step_model.meta["channels"])
+            image, label_rgb = layout.read_tile(source, image_loc, label_loc, step_model.meta["channels"])
             label = layout.decode(label_rgb)[0]
             del label_rgb
             logits = step_model.predict_logits(image, args.window, args.overlap, args.batch_size)

@@ -10,7 +10,8 @@ import argparser
 import tasks
 from dataset import load_meta, split_file
 from process_data import make_synthetic_isprs, make_synthetic_landcover
-from process_data.isprs_processing import ISPRS_DATASETS, LAYOUTS, regenerate_splits
+from process_data.isprs_processing import ISPRS_DATASETS, LAYOUTS
+from process_data.tile_processing import regenerate_splits
 from scripts import campaign
 from utils import data_layout
 from utils.crop_store import KINDS, store_file

@@ -17,14 +17,9 @@ from dataset import get_datasets, label_lut, load_meta, split_file
 from methods import get_method_class
 from models import build_backbone, inflate_first_conv
 from modules import make_model
-from process_data.isprs_processing import (
-    POTSDAM,
-    class_balanced_split,
-    class_presence,
-    no_overlap_split,
-    overlapped_split,
-    process_dataset,
-)
+from process_data.isprs_processing import POTSDAM
+from process_data.splits import class_balanced_split, class_presence, no_overlap_split, overlapped_split
+from process_data.tile_processing import process_dataset
 from tests.conftest import FIXTURE_CROP
 from tests.test_run import assert_user_error, run_cli, torchrun
 from utils.colormap import CLASS_NAMES

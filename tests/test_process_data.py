@@ -14,19 +14,12 @@ from PIL import Image
 
 import tasks
 from process_data import data_process_potsdam, data_process_vaihingen
-from process_data.isprs_processing import (
-    COUNT_COLUMNS,
-    POTSDAM,
-    VAIHINGEN,
-    RawSource,
-    class_presence,
-    crop_positions,
-    disjoint_split,
-    overlapped_split,
-    process_dataset,
-    to_hwc,
-)
+from process_data.archives import RawSource, to_hwc
+from process_data.isprs_processing import COUNT_COLUMNS, POTSDAM, VAIHINGEN
 from process_data.make_synthetic_isprs import generate
+from process_data.splits import class_presence, disjoint_split, overlapped_split
+from process_data.tile_processing import process_dataset
+from process_data.tiling import crop_positions
 from tests.conftest import FIXTURE_CROP, assert_every_split_nonempty
 from utils.colormap import decode_colors
 
