@@ -299,7 +299,8 @@ def _method_class(name: str):
     try:
         return get_method_class(name)
     except UserError as err:
-        raise UserError(f"{err}{did_you_mean(name, {**ALIASES, **{n: n for n in METHODS}})}") from None
+        raise err.reworded(method=f"--method {name!r}", hint=did_you_mean(name, {**ALIASES, **{n: n for n in METHODS}})
+                           ) from None
 
 
 def _prepare_tasks(opts: argparse.Namespace) -> None:

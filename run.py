@@ -288,7 +288,10 @@ def main(argv=None) -> dict:
     opts = parse_args(argv)
     opts.command_line = argv
     signals = parse_signals(opts.preempt_signals) if not opts.test else []
-    dist = init_distributed(opts.local_rank, opts.device, timeout_s=opts.dist_timeout)
+    try:
+        dist = init_distributed(opts.local_rank, opts.device, timeout_s=opts.dist_timeout)
+    except UserError as err:
+        raise err.reworded(cpu="pass --device cpu") from None
     preemption = Preemption(signals, dist.distributed, dist.control_group).install()
     try:
         return run_step(opts, dist, preemption)

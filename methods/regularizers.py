@@ -387,6 +387,7 @@ def make_regularizer(
     update_after_step=True pairs each gradient with its own step's change (not MiB's order)."""
     cls = REGULARIZERS.get(str(name).lower())
     if cls is None:
-        raise UserError(f"unknown --regularizer {name!r}; choose one of {', '.join(REGULARIZERS)}")
+        raise UserError("unknown {regularizer}; known: {known}", regularizer=f"regularizer {name!r}",
+                        known=", ".join(REGULARIZERS))
     return cls(params, previous_state, importance, alpha=alpha, normalize=normalize, iterations=iterations,
                update_after_step=update_after_step)

@@ -189,11 +189,18 @@ def _signature_name(signature: str) -> str:
     return "step0-" + hashlib.sha1(signature.encode()).hexdigest()[:8]
 
 
+def _method_name(name: str) -> str:
+    try:
+        return get_method_class(name).name
+    except UserError as err:
+        raise err.reworded(method=f"--methods value {name!r}") from None
+
+
 class Campaign:
     def __init__(self, opts, extra: list[str]):
         self.opts = opts
         self.extra = extra
-        self.methods = [get_method_class(m).name for m in opts.methods]
+        self.methods = [_method_name(m) for m in opts.methods]
         for flag, values in (("--methods", self.methods), ("--datasets", opts.datasets), ("--tasks", opts.tasks),
                              ("--seeds", opts.seeds), ("--splits", opts.splits or [])):
             if len(set(values)) != len(values):

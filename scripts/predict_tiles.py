@@ -195,9 +195,13 @@ def predict_tiles(args) -> dict:
     if args.batch_size < 1 or (args.window is not None and args.window < 16):
         raise UserError("--batch_size must be at least 1 and --window at least 16 px")
     window_stride(1, args.overlap)  # validates --overlap before any work
-    device = choose_device(args.device, 0, 1, cuda_built=torch.version.cuda is not None,
-                           gpu_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                           driver_present=gpu_driver_present(), visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    try:
+        device = choose_device(args.device, 0, 1, cuda_built=torch.version.cuda is not None,
+                               gpu_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                               driver_present=gpu_driver_present(),
+                               visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except UserError as err:
+        raise err.reworded(cpu="pass --device cpu") from None
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_process(1))
     step_model = StepModel(args.ckpt, device, args.data_root)

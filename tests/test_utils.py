@@ -87,7 +87,7 @@ def test_build_scheduler_step_and_errors():
         sched.step()
     assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001])
     assert isinstance(build_scheduler("poly", _optimizer(), max_iters=5, power=0.9), PolyLR)
-    with pytest.raises(UserError, match="--lr_policy"):
+    with pytest.raises(UserError, match="learning-rate policy .exponential. is unknown"):
         build_scheduler("exponential", _optimizer(), max_iters=5, power=0.9)
     with pytest.raises(UserError, match="step"):
         build_scheduler("step", _optimizer(), max_iters=5, power=0.9)
