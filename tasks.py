@@ -256,6 +256,19 @@ def num_steps(dataset, task):
     return len(_task(dataset, task))
 
 
+def num_steps_if_known(dataset, task):
+    """num_steps, or None for a task not known here (results tables then end at the files' last step)."""
+    try:
+        return num_steps(dataset, task)
+    except UserError:
+        return None
+
+
+def table_task_order():
+    """The order of the task columns of results tables: the shipped ISPRS tasks' order."""
+    return list(TASKS["vaihingen"])
+
+
 def get_task_dict(dataset, task, step):
     """{step: [classes]} for steps 0..step."""
     steps, step = _check_step(dataset, task, step)

@@ -775,7 +775,7 @@ class Campaign:
         if not files:
             print("no results yet: no tables written")
             return
-        experiments = collect(files)
+        experiments = collect(files, tasks.num_steps_if_known, tasks.table_task_order())
         final = paper_tables(experiments, order=self.methods)
         tables = final + paper_tables(experiments, all_steps=True, order=self.methods) + \
             per_class_tables(experiments, order=self.methods)

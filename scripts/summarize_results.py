@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+import tasks
 from utils.errors import UserError, exit_on_user_error
 from utils.result_tables import RENDERERS, collect, paper_tables, parse_results_name, per_class_tables, write_tables
 from utils.results import POOLING_KEYS, read_manifests
@@ -85,7 +86,7 @@ def main(argv=None):
                         f"pool them with a warning")
     for line in differences:
         print(f"warning: {line}", file=sys.stderr)
-    experiments = collect(opts.files)
+    experiments = collect(opts.files, tasks.num_steps_if_known, tasks.table_task_order())
     tables = make_tables(experiments, opts.all_steps, opts.per_class, opts.order)
     if opts.out:
         for path in write_tables(tables, opts.out, opts.format):
