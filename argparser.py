@@ -11,6 +11,7 @@ import tasks
 from methods import ALIASES, METHODS, get_method_class
 from utils.errors import UserError, print_error
 from utils.optimizer import OPTIMIZERS
+from utils.run_id import DEFAULT_SEED, RunId, effective_name
 
 _PARENTHESES = re.compile(r"\s*\(([^()]*)\)")
 
@@ -90,9 +91,6 @@ def did_you_mean(given: str, known) -> str:
 
 def _str2bool_flag(group, *names, help):
     group.add_argument(*names, action="store_true", default=False, help=help)
-
-
-DEFAULT_SEED = 42
 
 
 def default_lr(step: int) -> float:
@@ -317,9 +315,8 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
     """Derived defaults and validation shared by every entry point."""
     if not hasattr(opts, "base_name"):  # finalize once: the seed goes into the name only once
         opts.base_name = opts.name or opts.method
-        seed = getattr(opts, "random_seed", DEFAULT_SEED)
         # Runs of other seeds never share checkpoints, logs or results rows (docs/robustness.md).
-        opts.name = opts.base_name if seed == DEFAULT_SEED else f"{opts.base_name}-s{seed}"
+        opts.name = effective_name(opts.base_name, getattr(opts, "random_seed", DEFAULT_SEED))
     _prepare_tasks(opts)
     try:
         tasks.get_task_dict(opts.dataset, opts.task, opts.step)  # UserError for unknown task / step
@@ -376,6 +373,11 @@ def _finalize_protocol(opts: argparse.Namespace) -> None:
     if patience and fraction is None and not opts.cross_val:
         raise UserError("--patience selects the step checkpoint on validation: give --val_fraction F (MiB-CD: 0.1) "
                         "or --cross_val so that it is not chosen on test crops")
+
+
+def run_id(opts: argparse.Namespace) -> RunId:
+    """The RunId of finalized options: every path and tag of the run derives from it."""
+    return RunId(opts.dataset, opts.task, opts.split_suffix, opts.base_name, opts.random_seed)
 
 
 def _check_range(opts, key, low, high, wording, low_open=False, high_open=False):

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 import tasks
-from argparser import default_lr, parse_args
+from argparser import default_lr, parse_args, run_id
 from dataset import BatchNormalize, SeededSampler, data_protocol, get_datasets, load_meta
 from methods import SetupContext, get_method_class
 from models import norm_act_factory
@@ -30,14 +30,11 @@ from utils.checkpoint import (
     capture_rng_state,
     check_free_space,
     check_writable,
-    checkpoint_path,
     file_sha256,
-    last_checkpoint_path,
     load_checkpoint,
     loader_generator,
     non_finite_tensors,
     restore_rng_state,
-    run_tag,
     save_checkpoint,
     tensor_bytes,
 )
@@ -63,23 +60,11 @@ from utils.results import (
     environment_manifest,
     mark_pending,
     read_results,
-    results_path,
-    test_results_name,
     write_results,
 )
 from utils.scheduler import build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parent
-
-
-def split_tag(opts):
-    """What names the run's split in file names: its suffix ('-ov', '-noov', '') or, for options built
-    without argparser, the overlap flag."""
-    return getattr(opts, "split_suffix", None) or opts.overlap
-
-
-def task_tag(opts) -> str:
-    return run_tag(opts.task, opts.dataset, split_tag(opts))
 
 
 def seed_everything(seed: int) -> None:
@@ -171,8 +156,7 @@ def load_model_weights(model, checkpoint: dict, path: str, strict: bool = True) 
 
 def previous_checkpoint_path(opts):
     """The step t-1 checkpoint a step t > 0 starts from: --step_ckpt, else the run's own of step t-1."""
-    return opts.step_ckpt or checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts),
-                                             opts.name, opts.step - 1)
+    return opts.step_ckpt or run_id(opts).checkpoint(opts.checkpoint_dir, opts.step - 1)
 
 
 def previous_checkpoint(opts) -> tuple[str, dict]:
@@ -251,7 +235,7 @@ def run_record(opts, dist, kind: str, checkpoint: dict, previous: dict | None) -
             "manifest": manifest(opts, dist)}
 
 
-def test_and_report(model, opts, dist, test_loader, classes, logger, meta, record: dict, results_name: str) -> dict:
+def test_and_report(model, opts, dist, test_loader, classes, logger, meta, record: dict, rid) -> dict:
     """Final test of the (unwrapped) model on every test crop (all seen classes) -> console, TensorBoard,
     results CSV/JSON."""
     # channels: 0 background, then the classes in task order (tasks.py); old = step 0's, new = later
@@ -272,13 +256,13 @@ def test_and_report(model, opts, dist, test_loader, classes, logger, meta, recor
                                          meta["mean"], meta["std"], opts.step, tasks.class_names(opts.dataset),
                                          meta.get("palette"))
         protocol = results["protocol"]
-        logger.info(f"test of step {opts.step} ({task_tag(opts)}, {opts.name}; {protocol['test_crops']} test crops, "
+        logger.info(f"test of step {opts.step} ({rid.tag}, {opts.name}; {protocol['test_crops']} test crops, "
                     f"unseen classes -> {protocol['test_unseen']}):\n{format_table(results, names)}")
-        path = write_results(opts.results_dir, opts.dataset, opts.task, split_tag(opts), results_name, opts.step,
-                             results, all_names, range(num_seen), vars(opts), record=record)
+        path = write_results(rid.results(opts.results_dir), opts.step, results, all_names, range(num_seen),
+                             vars(opts), record=record)
         logger.info(f"results row of step {opts.step} written to {path}")
         # One run per task and name: mIoU old/new/all against the step, rebuilt from the results file.
-        write_task_curve(os.path.join(opts.logdir, task_tag(opts), results_name, "task"), read_results(path))
+        write_task_curve(rid.task_curve_dir(opts.logdir), read_results(path))
     return results
 
 
@@ -306,7 +290,7 @@ def check_outputs(opts, logdir, ckpt_path, last_path) -> None:
         check_writable(ckpt_path.parent, "--checkpoint_dir")
     check_writable(opts.results_dir, "--results_dir")
     check_writable(logdir, "--logdir")
-    results = results_path(opts.results_dir, opts.dataset, opts.task, split_tag(opts), opts.name)
+    results = run_id(opts).results(opts.results_dir)
     removed = remove_stale_temps([ckpt_path, last_path, results, results.with_suffix(".json")])
     if removed:
         print(f"removed {len(removed)} temporary file(s) of interrupted saves: {', '.join(map(str, removed))}",
@@ -320,9 +304,9 @@ def run_step(opts, dist, preemption=None) -> dict:
     classes = tasks.get_per_task_classes(opts.dataset, opts.task, opts.step)
     meta = load_meta(opts.data_root, opts.dataset)
     opts.in_channels = int(meta.get("num_channels", 3))  # the model's input bands follow the data
-    ckpt_path = checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name, opts.step)
-    last_path = last_checkpoint_path(opts.checkpoint_dir, opts.task, opts.dataset, split_tag(opts), opts.name,
-                                     opts.step)
+    rid = run_id(opts)
+    ckpt_path = rid.checkpoint(opts.checkpoint_dir, opts.step)
+    last_path = rid.last_checkpoint(opts.checkpoint_dir, opts.step)
     loaded = (opts.ckpt or ckpt_path) if opts.test else previous_checkpoint_path(opts) if opts.step else None
     try:  # before anything is written
         check_checkpoint_bands(loaded, opts.in_channels, f"{opts.dataset} under --data_root {opts.data_root} "
@@ -330,11 +314,11 @@ def run_step(opts, dist, preemption=None) -> dict:
     except UserError as err:
         raise err.reworded(channels="--channels") from None  # process_data's option making the bands
     # --test logs into its own run below the step's, never into the training run's folder.
-    logdir = os.path.join(opts.logdir, task_tag(opts), opts.name, f"step{opts.step}", *(["test"] if opts.test else []))
+    logdir = rid.log_dir(opts.logdir, opts.step, test=opts.test)
     if dist.rank == 0:
         check_outputs(opts, logdir, ckpt_path, last_path)
     logger = Logger(logdir, rank=dist.rank)
-    logger.info(f"{'test' if opts.test else 'train'} step {opts.step} of {task_tag(opts)} with {opts.method} "
+    logger.info(f"{'test' if opts.test else 'train'} step {opts.step} of {rid.tag} with {opts.method} "
                 f"({opts.name}, seed {opts.random_seed}); classes per step {classes}; {dist.world_size} process(es) "
                 f"on {dist.device}"
                 + (f" ({torch.get_num_threads()} threads each)" if dist.device.type == "cpu" else ""))
@@ -411,7 +395,7 @@ def run_step(opts, dist, preemption=None) -> dict:
                            epochs_run, logger)
     barrier()
     # 6. test
-    results = test_and_report(model, opts, dist, test_loader, classes, logger, meta, record, opts.name)
+    results = test_and_report(model, opts, dist, test_loader, classes, logger, meta, record, run_id(opts))
     if dist.rank == 0:
         resume.remove()
     logger.close()
@@ -552,7 +536,7 @@ def save_step(opts, dist, ckpt_path, model, optimizer, scheduler, method, classe
     record = run_record(opts, dist, "train", {"path": str(ckpt_path), "sha256": digest}, lineage)
     # until the test writes the new row, the old run's numbers must not stand beside the new
     # checkpoint; later steps trained from the replaced model are marked stale
-    stale = mark_pending(opts.results_dir, opts.dataset, opts.task, split_tag(opts), opts.name, opts.step, record,
+    stale = mark_pending(run_id(opts).results(opts.results_dir), opts.step, record,
                          tasks.channel_names(opts.dataset, opts.task))
     if stale:
         logger.info(f"warning: step(s) {', '.join(map(str, stale))} of {opts.name} were trained from the "
@@ -577,8 +561,8 @@ def run_test(opts, dist, model, classes, meta, logger, ckpt_path) -> dict:
     if dist.rank == 0:
         record = run_record(opts, dist, "test", {"path": str(path), "sha256": file_sha256(path)},
                             checkpoint.get("lineage"))
-    results_name = opts.name if own else test_results_name(opts.name, path)
-    results = test_and_report(model, opts, dist, test_loader, classes, logger, meta, record, results_name)
+    rid = run_id(opts) if own else run_id(opts).testing(path)
+    results = test_and_report(model, opts, dist, test_loader, classes, logger, meta, record, rid)
     logger.close()
     return results
 

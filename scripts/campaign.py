@@ -34,12 +34,11 @@ from argparser import parse_args
 from methods import METHODS, get_method_class
 from utils import slurm
 from utils.atomic_files import atomic_write
-from utils.checkpoint import checkpoint_path
 from utils.data_layout import DATASETS, dataset_dir, meta_file
 from utils.errors import UserError, exit_on_user_error
 from utils.parallel_runs import Job, ParallelRunner
-from utils.result_tables import DEFAULT_SEED, effective_name, split_seed
-from utils.results import read_results, results_path
+from utils.results import read_results
+from utils.run_id import DEFAULT_SEED, RunId, effective_name, split_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +76,10 @@ class Run:
     @property
     def overlap(self) -> bool:
         return self.split == "overlap"
+
+    @property
+    def run_id(self) -> RunId:
+        return RunId.from_run_name(self.dataset, self.task, "-ov" if self.overlap else "", self.effective)
 
     @property
     def shared(self) -> bool:
@@ -332,8 +335,7 @@ class Campaign:
                                 for step in range(1 if shared else 0, n_steps):
                                     step_ckpt = None
                                     if previous is shared and shared is not None:
-                                        step_ckpt = str(checkpoint_path(self.checkpoint_dir, task, dataset,
-                                                                        split == "overlap", shared.effective, 0))
+                                        step_ckpt = str(shared.run_id.checkpoint(self.checkpoint_dir, 0))
                                     run = self._add(dataset=dataset, split=split, task=task, seed=seed,
                                                     method=method, name=self.opts.name or method, step=step,
                                                     users=[method], deps=[previous.index] if previous else [],
@@ -343,9 +345,7 @@ class Campaign:
 
     # ---------------------------------------------------------------- what is done
     def paths(self, run: Run) -> tuple[Path, Path]:
-        ckpt = checkpoint_path(self.checkpoint_dir, run.task, run.dataset, run.overlap, run.effective, run.step)
-        csv_path = results_path(self.results_dir, run.dataset, run.task, run.overlap, run.effective)
-        return ckpt, csv_path
+        return run.run_id.checkpoint(self.checkpoint_dir, run.step), run.run_id.results(self.results_dir)
 
     def finished(self, run: Run) -> tuple[bool, str]:
         """Checkpoint and results row exist and the recorded options match the planned ones."""
@@ -395,8 +395,7 @@ class Campaign:
         return [self.opts.python, script, *run.argv]
 
     def log_path(self, run: Run, folder: str = "logs") -> Path:
-        split = "-ov" if run.overlap else ""
-        return self.out / folder / f"{run.dataset}_{run.task}{split}_{run.effective}_step{run.step}.log"
+        return run.run_id.step_log(self.out / folder, run.step)
 
     def estimate_iterations(self) -> tuple[int, int] | None:
         """(iterations of the plan, iterations without step-0 sharing) from meta.json's split sizes."""

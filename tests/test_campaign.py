@@ -15,7 +15,7 @@ import pytest
 from argparser import parse_args
 from methods import METHODS, Method
 from methods.mib_family import MiB
-from utils.result_tables import effective_name
+from utils.run_id import effective_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "32", "--batch_size", "2", "--epochs", "1",

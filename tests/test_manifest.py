@@ -11,6 +11,7 @@ import torch
 import tasks
 from utils.colormap import CLASS_NAMES
 from utils.results import POOLING_KEYS, environment_manifest, read_manifests, write_results
+from utils.run_id import RunId
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = {"iou": [0.5] * 6, "miou_old": 0.5, "miou_new": None, "miou_all": 0.5, "miou_all_bg": 0.5,
@@ -29,8 +30,8 @@ def _write(root, seed, manifest=None, step=0):
     record = {"seed": seed, "effective_batch_size": (manifest or {}).get("effective_batch_size", 8)}
     if manifest is not None:
         record["manifest"] = manifest
-    return write_results(root, "vaihingen", "4-1", False, name, step, RESULTS, CLASS_NAMES, seen,
-                         {"random_seed": seed}, record=record)
+    path = RunId.from_run_name("vaihingen", "4-1", "", name).results(root)
+    return write_results(path, step, RESULTS, CLASS_NAMES, seen, {"random_seed": seed}, record=record)
 
 
 def _summarize(*args):

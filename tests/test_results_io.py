@@ -13,6 +13,7 @@ from tests.test_run import run_args
 from utils.colormap import CLASS_NAMES
 from utils.metrics import SegmentationMetrics
 from utils.results import read_results, write_results
+from utils.run_id import RunId
 
 
 def _results(offset=0):
@@ -25,7 +26,7 @@ def _results(offset=0):
 def _writer(folder, writer, count):
     for i in range(count):
         step = writer * count + i
-        write_results(folder, "potsdam", "1s", False, "FT", step, _results(step % 3), CLASS_NAMES, range(6),
+        write_results(RunId("potsdam", "1s", "", "FT").results(folder), step, _results(step % 3), CLASS_NAMES, range(6),
                       {"writer": writer}, record={"kind": "train", "seed": writer})
 
 
@@ -49,7 +50,7 @@ def test_concurrent_writers_lose_no_row(tmp_path):
 
 def test_kill_between_json_and_csv_heals(tmp_path, monkeypatch):
     """The JSON is written first: a CSV left stale by a crash is never read, and the next update rewrites it."""
-    args = (tmp_path, "vaihingen", "4-1", False, "FT")
+    args = (RunId("vaihingen", "4-1", "", "FT").results(tmp_path),)
     path = write_results(*args, 0, _results(), CLASS_NAMES, range(5), {})
     before = path.read_text()
     original = utils.results.atomic_write
@@ -74,7 +75,7 @@ def test_pending_row_replaces_the_old_numbers_until_the_test(tmp_path):
     """Between the new checkpoint and its test, the old run's numbers must not stand in the row."""
     from utils.results import mark_pending
 
-    args = (tmp_path, "vaihingen", "4-1", False, "FT")
+    args = (RunId("vaihingen", "4-1", "", "FT").results(tmp_path),)
     write_results(*args, 0, _results(), CLASS_NAMES, range(5), {}, record={"kind": "train"})
     write_results(*args, 1, _results(), CLASS_NAMES, range(6), {},
                   record={"kind": "train", "previous_checkpoint": {"path": "a", "sha256": "old"}})
@@ -92,7 +93,7 @@ def test_csv_of_an_earlier_version_is_imported(tmp_path):
     header = ["step", *CLASS_NAMES, "miou_old", "miou_new", "miou_all", "miou_all_bg", "overall_acc"]
     path.write_text(",".join(header) + "\n0," + ",".join(["10.00"] * 5 + ["x"] + ["10.00", "x", "10.00", "10.00",
                                                                                    "50.00"]) + "\n")
-    write_results(tmp_path, "vaihingen", "4-1", False, "FT", 1, _results(), CLASS_NAMES, range(6), {})
+    write_results(RunId("vaihingen", "4-1", "", "FT").results(tmp_path), 1, _results(), CLASS_NAMES, range(6), {})
     rows = read_results(path)
     assert [r["step"] for r in rows] == [0, 1]
     assert rows[0]["clutter"] == 10.0 and rows[0]["status"] == "imported" and rows[1]["status"] == "ok"

@@ -15,15 +15,14 @@ from utils.errors import UserError
 from utils.result_figures import per_class_figure, steps_figure
 from utils.result_tables import (
     collect,
-    effective_name,
     paper_tables,
     per_class_tables,
-    split_seed,
     to_csv,
     to_latex,
     to_markdown,
 )
 from utils.results import write_results
+from utils.run_id import RunId, effective_name, split_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (42, 1, 2)
@@ -43,7 +42,7 @@ def write_task(root, task, method_index, name, seed, steps=None, opts_by_step=No
     n = tasks.num_steps("vaihingen", task)
     for step in steps if steps is not None else range(n):
         seen = order[:sum(tasks.get_per_task_classes("vaihingen", task, step))]
-        write_results(root, "vaihingen", task, False, effective_name(name, seed), step,
+        write_results(RunId.from_run_name("vaihingen", task, "", effective_name(name, seed)).results(root), step,
                       known(method_index, task, step, seed), CLASS_NAMES, seen,
                       (opts_by_step or {}).get(step, {"random_seed": seed}))
 
@@ -181,7 +180,7 @@ def test_bad_file_names_are_user_errors(tmp_path):
 
 def test_a_task_unknown_to_tasks_py_ends_at_its_last_step_in_the_file(tmp_path):
     for step in range(3):
-        write_results(tmp_path, "potsdam", "9s", False, "FT", step, known(0, "9s", step, 42), CLASS_NAMES,
+        write_results(RunId("potsdam", "9s", "", "FT").results(tmp_path), step, known(0, "9s", step, 42), CLASS_NAMES,
                       range(2 + step), {})
     (table,) = paper_tables(collect(sorted(tmp_path.glob("*.csv")), *TASK_KNOWLEDGE))
     assert table.groups == [("9s", ["old", "new", "all"])]

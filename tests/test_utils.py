@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import DistributedEvalSampler, init_distributed
 from utils.errors import UserError
 from utils.logger import Logger, colour_maps, sample_images
 from utils.metrics import SegmentationMetrics
 from utils.results import read_results, write_results
+from utils.run_id import RunId
 from utils.scheduler import PolyLR, build_scheduler
 
 CLASS_NAMES = ["clutter", "impervious surfaces", "building", "low vegetation", "tree", "car"]
@@ -95,14 +96,14 @@ def test_build_scheduler_step_and_errors():
 
 # ---- checkpoints ----------------------------------------------------------------------
 def test_checkpoint_path_naming(tmp_path):
-    assert checkpoint_path(tmp_path, "4-1", "vaihingen", False, "MiB", 1) == \
+    assert RunId("vaihingen", "4-1", "", "MiB").checkpoint(tmp_path, 1) == \
         tmp_path / "step" / "4-1-vaihingen_MiB_1.pth"
-    assert checkpoint_path("checkpoints", "2-1s", "potsdam", True, "MiCro", 3).as_posix() == \
+    assert RunId("potsdam", "2-1s", "-ov", "MiCro").checkpoint("checkpoints", 3).as_posix() == \
         "checkpoints/step/2-1s-potsdam-ov_MiCro_3.pth"
 
 
 def test_save_load_replace_and_no_temp_left(tmp_path):
-    path = checkpoint_path(tmp_path, "4-1", "vaihingen", False, "FT", 0)  # parents do not exist yet
+    path = RunId("vaihingen", "4-1", "", "FT").checkpoint(tmp_path, 0)  # parents do not exist yet
     save_checkpoint(path, {"model": {"w": torch.arange(3.0)}, "epoch": 1, "opts": {"lr": 0.01}})
     save_checkpoint(path, {"model": {"w": torch.arange(4.0)}, "epoch": 2, "opts": {"lr": 0.01}})
     state = load_checkpoint(path)
@@ -184,7 +185,7 @@ def test_results_csv_rows_replace_and_unseen_x(tmp_path):
     step0 = SegmentationMetrics(6)
     step0.update(torch.tensor([[[0, 1, 2, 2]]]), torch.tensor([[[0, 1, 2, 3]]]))
     res0 = step0.results(old_classes=[0, 1, 2, 3, 4], new_classes=[])
-    args = (tmp_path, "vaihingen", "4-1", True, "MiB")
+    args = (RunId("vaihingen", "4-1", "-ov", "MiB").results(tmp_path),)
     write_results(*args, 1, _results(), CLASS_NAMES, range(6), {"lr": 0.001, "epochs": 30})
     path = write_results(*args, 0, res0, CLASS_NAMES, range(5), {"lr": 0.01})
     assert path == tmp_path / "vaihingen_4-1-ov_MiB.csv"
@@ -222,7 +223,7 @@ def test_results_csv_rows_replace_and_unseen_x(tmp_path):
 
 def test_results_unseen_class_is_x_even_with_a_value(tmp_path):
     res = _results()  # car has an IoU of 50 here, but at step 0 of 4-1 it is not seen yet
-    path = write_results(tmp_path, "vaihingen", "4-1", False, "FT", 0, res, CLASS_NAMES, range(5), {})
+    path = write_results(RunId("vaihingen", "4-1", "", "FT").results(tmp_path), 0, res, CLASS_NAMES, range(5), {})
     assert _csv_rows(path)[1][1:7] == ["50.00", "100.00", "100.00", "100.00", "100.00", "x"]
 
 
@@ -230,7 +231,7 @@ def test_results_header_mismatch_and_missing_file(tmp_path):
     path = tmp_path / "potsdam_1s_FT.csv"
     path.write_text("step,a,b\n0,1,2\n")
     with pytest.raises(UserError, match="potsdam_1s_FT.csv"):
-        write_results(tmp_path, "potsdam", "1s", False, "FT", 0, _results(), CLASS_NAMES, range(2), {})
+        write_results(RunId("potsdam", "1s", "", "FT").results(tmp_path), 0, _results(), CLASS_NAMES, range(2), {})
     assert path.read_text() == "step,a,b\n0,1,2\n"
     with pytest.raises(UserError, match="missing.csv"):
         read_results(tmp_path / "missing.csv")

@@ -1,4 +1,4 @@
-"""Checkpoint saving (atomic, utils/atomic_files.py) and loading, checkpoint naming, resume helpers (RNG states,
+"""Checkpoint saving (atomic, utils/atomic_files.py) and loading (names: utils/run_id.py), resume helpers (RNG states,
 hashes) and the output-folder checks made before training."""
 from __future__ import annotations
 
@@ -14,22 +14,6 @@ import torch
 
 from utils.atomic_files import atomic_write
 from utils.errors import UserError
-
-
-def split_suffix(overlap) -> str:
-    """Suffix naming a run's training split: True -> '-ov', False -> '', a string is the suffix itself
-    (tasks.split_suffix of the filter mode, e.g. '-noov')."""
-    return overlap if isinstance(overlap, str) else ("-ov" if overlap else "")
-
-
-def run_tag(task: str, dataset: str, overlap) -> str:
-    """`<task>-<dataset>[-ov|-noov]`, the prefix of checkpoint names and log folders (overlap: see split_suffix)."""
-    return f"{task}-{dataset}{split_suffix(overlap)}"
-
-
-def checkpoint_path(root, task: str, dataset: str, overlap, name: str, step: int) -> Path:
-    """`<root>/step/<task>-<dataset>[-ov]_<name>_<step>.pth` (root: --checkpoint_dir, default checkpoints)."""
-    return Path(root) / "step" / f"{run_tag(task, dataset, overlap)}_{name}_{int(step)}.pth"
 
 
 def save_checkpoint(path, state: dict) -> Path:
@@ -57,11 +41,6 @@ def load_checkpoint(path, map_location="cpu", weights_only: bool = False) -> dic
 
 
 # ---------------------------------------------------------------------- resume, hashes, output checks
-def last_checkpoint_path(root, task: str, dataset: str, overlap: bool, name: str, step: int) -> Path:
-    """The resume ("last") checkpoint beside the step checkpoint: `<...>_<step>.last.pth`."""
-    return checkpoint_path(root, task, dataset, overlap, name, step).with_suffix(".last.pth")
-
-
 def file_sha256(path, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file (about 1 s per GB)."""
     digest = hashlib.sha256()

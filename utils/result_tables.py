@@ -20,28 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.checkpoint import run_tag
 from utils.errors import UserError
-from utils.results import read_results, results_path
+from utils.results import read_results
+from utils.run_id import RunId, split_seed
 
-DEFAULT_SEED = 42
 SUMMARY = ("miou_old", "miou_new", "miou_all")
 SUMMARY_LABELS = {"miou_old": "old", "miou_new": "new", "miou_all": "all"}
-_SEED_SUFFIX = re.compile(r"^(?P<experiment>.+)-s(?P<seed>\d+)$")
 _FILE_NAME = re.compile(r"^(?P<dataset>[^_]+)_(?P<task>[^_]+?)(?P<ov>-ov)?_(?P<name>.+)$")
-
-
-def effective_name(name: str, seed: int) -> str:
-    """The name a run with --name `name` and --random_seed `seed` writes under (`-s<seed>` unless 42)."""
-    return name if int(seed) == DEFAULT_SEED else f"{name}-s{int(seed)}"
-
-
-def split_seed(name: str) -> tuple[str, int]:
-    """`MiB-s3` -> ("MiB", 3); `MiB` -> ("MiB", 42)."""
-    match = _SEED_SUFFIX.match(name)
-    if match is None:
-        return name, DEFAULT_SEED
-    return match["experiment"], int(match["seed"])
 
 
 @dataclass(frozen=True)
@@ -51,6 +36,10 @@ class ResultsFile:
     task: str
     overlap: bool
     name: str
+
+    @property
+    def run_id(self) -> RunId:
+        return RunId.from_run_name(self.dataset, self.task, "-ov" if self.overlap else "", self.name)
 
     @property
     def split(self) -> str:
@@ -95,13 +84,14 @@ def load_steps(results: ResultsFile, _depth: int = 0) -> dict[int, dict]:
     step_ckpt = options.get("step_ckpt")
     if not step_ckpt:
         return rows
-    prefix = run_tag(results.task, results.dataset, results.overlap) + "_"
+    prefix = results.run_id.tag + "_"
     stem = Path(step_ckpt).stem
     suffix = f"_{first - 1}"
     if not (stem.startswith(prefix) and stem.endswith(suffix)):
         return rows
     source_name = stem[len(prefix):-len(suffix)]
-    source = results_path(results.path.parent, results.dataset, results.task, results.overlap, source_name)
+    source = RunId.from_run_name(results.dataset, results.task, results.run_id.split, source_name).results(
+        results.path.parent)
     if source_name == results.name or not source.is_file():
         return rows
     earlier = load_steps(ResultsFile(source, results.dataset, results.task, results.overlap, source_name), _depth + 1)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from utils.atomic_files import atomic_write
-from utils.checkpoint import split_suffix
 from utils.errors import UserError
 
 # New columns go at the end, so that readers indexing the older ones keep working.
@@ -24,17 +23,6 @@ RECORD_COLUMNS = ("kind", "status", "seed", "world_size", "effective_batch_size"
 INT_COLUMNS = ("seed", "world_size", "effective_batch_size")
 UNDEFINED = "x"
 FORMAT_VERSION = 2
-
-
-def results_path(results_dir, dataset: str, task: str, overlap, name: str) -> Path:
-    """`<results_dir>/<dataset>_<task>[-ov|-noov]_<name>.csv` (overlap: bool or a split suffix, see
-    utils.checkpoint.split_suffix); the JSON twin has the same stem."""
-    return Path(results_dir) / f"{dataset}_{task}{split_suffix(overlap)}_{name}.csv"
-
-
-def test_results_name(name: str, checkpoint) -> str:
-    """Results name of `--test --ckpt FILE` when FILE is not the step's own checkpoint: `<name>_test-<stem>`."""
-    return f"{name}_test-{Path(checkpoint).stem}"
 
 
 def _percent(value) -> str:
@@ -151,8 +139,7 @@ def _stale_later_steps(steps: dict, step: int, sha256: str | None) -> list[int]:
     return sorted(marked)
 
 
-def mark_pending(results_dir, dataset: str, task: str, overlap: bool, name: str, step: int, record: dict,
-                 class_names) -> list[int]:
+def mark_pending(csv_path, step: int, record: dict, class_names) -> list[int]:
     """Right after a step's checkpoint is written: its row becomes `pending` (no numbers) until its test
     writes the new ones, and later steps trained from the replaced checkpoint are marked stale.
     Returns the steps marked stale."""
@@ -163,20 +150,21 @@ def mark_pending(results_dir, dataset: str, task: str, overlap: bool, name: str,
         steps[str(int(step))] = {**record, "status": "pending", "written_at": _now()}
         marked.extend(_stale_later_steps(steps, int(step), (record.get("checkpoint") or {}).get("sha256")))
 
-    update_records(results_path(results_dir, dataset, task, overlap, name), class_names, change)
+    update_records(Path(csv_path), class_names, change)
     return marked
 
 
-def write_results(results_dir, dataset: str, task: str, overlap: bool, name: str, step: int, results: dict,
-                  class_names, seen_classes, opts: dict, record: dict | None = None) -> Path:
-    """Write (or replace) this step's record and row; returns the CSV path.
+def write_results(csv_path, step: int, results: dict, class_names, seen_classes, opts: dict,
+                  record: dict | None = None) -> Path:
+    """Write (or replace) this step's record and row in `csv_path` (RunId.results) and its JSON twin;
+    returns the CSV path.
 
     IoU in percent with 2 decimals; `x` for classes not seen yet, for seen classes without ground
     truth and for undefined summaries (mIoU new at step 0). `record` adds the run's provenance (kind,
     seed, world size, effective batch size, git commit, debug, checkpoint and previous checkpoint
     with their sha256). A stale mark survives a re-test of the same checkpoint.
     """
-    csv_path = results_path(results_dir, dataset, task, overlap, name)
+    csv_path = Path(csv_path)
     record = dict(record or {})
     entry = {
         **results,
