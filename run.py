@@ -20,7 +20,10 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 import tasks
 from argparser import default_lr, parse_args, run_id
-from dataset import BatchNormalize, SeededSampler, data_protocol, get_datasets, load_meta
+from dataset.incremental import SeededSampler
+from dataset.layout import load_meta
+from dataset.step_datasets import data_protocol, get_datasets
+from dataset.transforms import BatchNormalize
 from methods import SetupContext, get_method_class
 from models import norm_act_factory
 from modules import check_checkpoint_bands, classifier_prefix, make_model
@@ -51,11 +54,11 @@ from utils.distributed import (
 )
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError, exit_on_user_error
-from utils.logger import Logger, write_task_curve
 from utils.metrics import format_table
 from utils.optimizer import make_optimizer
 from utils.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, parse_signals, requeue_slurm_job
-from utils.results import (
+from utils.reporting.logger import Logger, write_task_curve
+from utils.reporting.results import (
     POOLING_KEYS,
     environment_manifest,
     mark_pending,
@@ -222,13 +225,13 @@ def git_commit() -> str | None:
 
 
 def manifest(opts, dist) -> dict:
-    """The run's reproducibility manifest (utils.results.environment_manifest)."""
+    """The run's reproducibility manifest (utils.reporting.results.environment_manifest)."""
     return environment_manifest(dist.device, dist.world_size, dist.local_world_size, dist.nodes, dist.launcher,
                                 vars(opts))
 
 
 def run_record(opts, dist, kind: str, checkpoint: dict, previous: dict | None) -> dict:
-    """What a results row records besides the numbers (utils/results.py)."""
+    """What a results row records besides the numbers (utils/reporting/results.py)."""
     return {"kind": kind, "seed": opts.random_seed, "world_size": dist.world_size,
             "effective_batch_size": opts.batch_size * dist.world_size, "git_commit": git_commit(),
             "debug": bool(opts.debug), "checkpoint": checkpoint, "previous_checkpoint": previous,

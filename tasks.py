@@ -60,7 +60,7 @@ def register_dataset(dataset, classes, background=None):
 def register_processed(data_root, dataset):
     """Make a dataset processed under `data_root` known by its meta.json (built-in datasets already are)."""
     if dataset not in _CLASSES:
-        from utils.data_layout import load_meta  # only for datasets that are not built in
+        from dataset.layout import load_meta  # only for datasets that are not built in
         register_dataset(dataset, load_meta(data_root, dataset)["classes"], ANY_BACKGROUND)
 
 

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dataset.layout import dataset_dir, meta_file, png_dir
 from process_data.isprs_processing import VAIHINGEN
 from process_data.make_synthetic_isprs import generate
 from process_data.tile_processing import process_dataset
-from utils.data_layout import dataset_dir, meta_file, png_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

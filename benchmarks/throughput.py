@@ -35,9 +35,10 @@ from torch.utils.data import DataLoader
 import run
 from argparser import parse_args
 from benchmarks.legacy_pipeline import legacy_train_transform, read_png
-from dataset import BatchNormalize, IncrementalDataset, label_lut, load_meta
+from dataset.incremental import IncrementalDataset, label_lut
 from dataset.isprs import ISPRSCrops
-from dataset.transforms import train_transform
+from dataset.layout import load_meta
+from dataset.transforms import BatchNormalize, train_transform
 from methods import SetupContext, get_method_class
 from modules import make_model
 from process_data.isprs_processing import POTSDAM

@@ -16,7 +16,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from utils.data_layout import SPLITS
+from dataset.layout import SPLITS
 from utils.dataset_spec import DatasetSpec
 from utils.errors import UserError
 

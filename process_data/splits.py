@@ -7,7 +7,7 @@ of meta.json, so splits are regenerated without reading an image.
 import numpy as np
 
 import tasks as task_defs
-from utils.data_layout import save_npy, split_file, split_folder
+from dataset.layout import save_npy, split_file, split_folder
 
 
 def class_presence(class_pixels, min_pixels, num_classes=None):

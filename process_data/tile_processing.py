@@ -1,6 +1,6 @@
 """Processing of any tiled dataset described by a spec (utils/dataset_spec.py) -> the processed layout, and its
 command line (docs/data.md: raw and processed layouts; the processed layout and meta.json's format are
-utils/data_layout.py's, the crop store's utils/crop_store.py's). process_data/process_dataset.py runs it on a
+dataset/layout.py's, the crop store's dataset/crop_store.py's). process_data/process_dataset.py runs it on a
 spec file; the built-in datasets' scripts run it on their shipped specs (ISPRS: plus its archive quirks,
 process_data/isprs_processing.py). Its parts: reading the raw archives (process_data/archives.py), tiles ->
 crops (process_data/tiling.py), the split files (process_data/splits.py).
@@ -31,12 +31,8 @@ from pathlib import Path
 import numpy as np
 
 import tasks as task_defs
-from process_data.archives import RawSource, SpecLayout
-from process_data.isprs_processing import LAYOUTS as ISPRS_LAYOUTS
-from process_data.splits import default_min_pixels, write_splits
-from process_data.tiling import count_columns, crop_tiles
-from utils.crop_store import KINDS
-from utils.data_layout import (
+from dataset.crop_store import KINDS
+from dataset.layout import (
     SPLITS,
     check_meta,
     dataset_dir,
@@ -47,6 +43,10 @@ from utils.data_layout import (
     read_meta,
     write_meta,
 )
+from process_data.archives import RawSource, SpecLayout
+from process_data.isprs_processing import LAYOUTS as ISPRS_LAYOUTS
+from process_data.splits import default_min_pixels, write_splits
+from process_data.tiling import count_columns, crop_tiles
 from utils.dataset_spec import BUILTIN_DATASETS, IGNORE_INDEX, DatasetSpec, builtin_spec, load_spec
 from utils.errors import UserError, exit_on_user_error
 

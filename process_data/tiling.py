@@ -1,5 +1,5 @@
 """Tiles -> crops: the stride-based crop grid, crop names, per-crop class pixel counts, and the writing of a
-dataset's tiles into the crop store (utils/crop_store.py) with the crop entries of meta.json.
+dataset's tiles into the crop store (dataset/crop_store.py) with the crop entries of meta.json.
 
 The grid's last row/column is aligned to the tile edge, so every pixel is covered; a tile smaller than the
 crop is padded (image 0, label 255).
@@ -13,8 +13,8 @@ except ImportError:  # pragma: no cover
     def tqdm(iterable, **_):
         return iterable
 
-from utils.crop_store import KINDS, NpyAppender, store_file, store_meta
-from utils.data_layout import SPLITS, png_dir
+from dataset.crop_store import KINDS, NpyAppender, store_file, store_meta
+from dataset.layout import SPLITS, png_dir
 from utils.dataset_spec import IGNORE_INDEX
 
 

@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 import tasks
 from argparser import parse_args
+from dataset.layout import DATASETS, dataset_dir, meta_file
 from methods import METHODS, get_method_class
 from utils import slurm
 from utils.atomic_files import atomic_write
-from utils.data_layout import DATASETS, dataset_dir, meta_file
 from utils.errors import UserError, exit_on_user_error
 from utils.parallel_runs import Job, ParallelRunner
-from utils.results import read_results
+from utils.reporting.results import read_results
 from utils.run_id import DEFAULT_SEED, RunId, effective_name, split_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -767,8 +767,8 @@ class Campaign:
         return files
 
     def write_tables(self) -> None:
-        from utils.result_figures import plot_per_class, plot_steps
-        from utils.result_tables import collect, paper_tables, per_class_tables, to_markdown, write_tables
+        from utils.reporting.figures import plot_per_class, plot_steps
+        from utils.reporting.tables import collect, paper_tables, per_class_tables, to_markdown, write_tables
 
         files = self.results_files()
         if not files:

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 import tasks
-from utils.colormap import CLASS_NAMES, colorize, decode_colors
+from dataset.colormap import CLASS_NAMES, colorize, decode_colors
 from utils.errors import UserError, exit_on_user_error
-from utils.results import read_results
+from utils.reporting.results import read_results
 
 
 def _sibling_script(name: str):
@@ -93,7 +93,7 @@ def richest_window(label: np.ndarray, classes, size: int) -> tuple[int, int]:
 
 def predictions_figure(runs, src, data_root, step: int, size: int, device):
     """image | ground truth | each run's prediction on the test-tile region richest in the new classes."""
-    from utils.logger import prediction_figure
+    from utils.reporting.logger import prediction_figure
 
     models = [(name, predict_tiles.StepModel(ckpt, device, data_root)) for name, _, ckpt in runs]
     first = models[0][1]

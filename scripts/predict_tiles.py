@@ -25,13 +25,14 @@ import torch
 from PIL import Image
 
 import tasks
-from dataset import label_lut, load_meta
+from dataset.colormap import colorize
+from dataset.incremental import label_lut
+from dataset.layout import load_meta
 from modules import make_model
 from process_data.archives import RawSource
 from process_data.tile_processing import as_layout
 from process_data.tiling import crop_positions
 from utils.checkpoint import load_checkpoint
-from utils.colormap import colorize
 from utils.distributed import choose_device, cpu_threads_per_process, gpu_driver_present
 from utils.errors import UserError, exit_on_user_error
 from utils.metrics import SegmentationMetrics, format_table
@@ -131,7 +132,7 @@ def summary(step_model: StepModel, metrics: SegmentationMetrics) -> dict:
 
 def preview(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, title: str, names, palette=None):
     """Downsized image | ground truth | prediction with the legend (the dataset's names and palette)."""
-    from utils.logger import prediction_figure
+    from utils.reporting.logger import prediction_figure
 
     step = max(1, int(np.ceil(max(image.shape[:2]) / PREVIEW_SIDE)))
     columns = [image[None, ::step, ::step, :3], colorize(label[::step, ::step], palette)[None],

@@ -12,9 +12,10 @@ import torch
 import run
 from argparser import parse_args
 from benchmarks.legacy_pipeline import legacy_eval_transform, legacy_train_transform, read_png
-from dataset import BatchNormalize, get_datasets, load_meta
 from dataset.isprs import ISPRSCrops
-from dataset.transforms import RandomScaleCrop, train_transform
+from dataset.layout import load_meta
+from dataset.step_datasets import get_datasets
+from dataset.transforms import BatchNormalize, RandomScaleCrop, train_transform
 from methods import SetupContext, get_method_class
 from modules import make_model
 from process_data import make_crop_store

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import tasks
-from dataset import get_datasets, label_lut, load_meta, split_file
+from dataset.incremental import label_lut
 from dataset.isprs import ISPRSCrops
+from dataset.layout import load_meta
+from dataset.step_datasets import get_datasets, split_file
 from dataset.transforms import (
     BatchNormalize,
     Compose,

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 import tasks
-from utils.colormap import CLASS_NAMES
+from dataset.colormap import CLASS_NAMES
 from utils.errors import UserError
-from utils.result_figures import per_class_figure, steps_figure
-from utils.result_tables import (
+from utils.reporting.figures import per_class_figure, steps_figure
+from utils.reporting.results import write_results
+from utils.reporting.tables import (
     collect,
     paper_tables,
     per_class_tables,
@@ -21,7 +22,6 @@ from utils.result_tables import (
     to_latex,
     to_markdown,
 )
-from utils.results import write_results
 from utils.run_id import RunId, effective_name, split_seed
 
 ROOT = Path(__file__).resolve().parents[1]

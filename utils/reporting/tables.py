@@ -1,7 +1,7 @@
 """Results files -> the tables of a paper: methods x tasks (mIoU old/new/all at the final step, or at
 every step), per-class IoU, mean ± std over seeds; rendered as Markdown, LaTeX or CSV.
 
-A results file is `<dataset>_<task>[-ov]_<name>.csv` (utils.results); a run with --random_seed s other
+A results file is `<dataset>_<task>[-ov]_<name>.csv` (utils.reporting.results); a run with --random_seed s other
 than 42 is named `<experiment>-s<s>`, so the files of one experiment over seeds are grouped by stripping
 that suffix (no suffix = seed 42). A file without the earlier steps (a step 1 trained from a shared
 step 0 through --step_ckpt) takes them from the results of the run that checkpoint belongs to.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import UserError
-from utils.results import read_results
+from utils.reporting.results import read_results
 from utils.run_id import RunId, split_seed
 
 SUMMARY = ("miou_old", "miou_new", "miou_all")

@@ -1,0 +1,1 @@
+"""Reporting: results files, their tables and figures, the TensorBoard/text logger."""
