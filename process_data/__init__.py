@@ -1,1 +1,1 @@
-"""Raw archives -> the processed layout (archive reading, tiling, split files, CLI); per-dataset commands; generators."""
+"""Raw archives -> the processed layout (archive reading, tiling, split files, CLI); dataset commands; generators."""
