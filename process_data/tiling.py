@@ -22,6 +22,7 @@ def count_columns(num_classes):
     """Columns of the per-crop pixel counts: classes 0..K-1, then 255 (ignored)."""
     return [*range(num_classes), IGNORE_INDEX]
 
+
 def crop_positions(length, crop_size, stride):
     """Start offsets along one axis: every `stride`, the last aligned to the edge (covers all).
 
@@ -60,6 +61,9 @@ def _save_png(array, path):
 
 
 def crop_tiles(layout, source, tiles, work_dir, crop_size, stride, channels, progress, png=False):
+    """Write the crops of `tiles` ([(split, tile, image locator, label locator)]) into the crop store of
+    `work_dir` (and PNG previews with `png`); returns meta.json's crop entries (names, origins, class pixel
+    counts per split, mean/std of the train pixels, tiles, store). A failure leaves no store file behind."""
     per_split = {split: {"crops": [], "origins": [], "class_pixels": []} for split in SPLITS}
     bands = layout.num_bands(channels)
     writers = {(split, kind): NpyAppender(store_file(work_dir, split, kind),
