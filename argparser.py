@@ -1,16 +1,24 @@
-"""Every command-line option of run.py (MiB's names and meanings), method presets and validation."""
+"""Every command-line option of run.py (MiB's names and meanings) with its role (utils/options.py), method
+presets, validation, and the per-concern option records built from them: nothing below the entry points
+sees the whole namespace."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import functools
 import math
 import re
 import sys
 
 import tasks
+from dataset.options import DataOptions
 from methods import ALIASES, METHODS, get_method_class
+from methods.base import MethodOptions
+from modules import ModelOptions
 from utils.errors import UserError, print_error
-from utils.optimizer import OPTIMIZERS
+from utils.optimizer import OPTIMIZERS, OptimizerOptions
+from utils.options import BOOKKEEPING, OptionGroup, Role, option_group
 from utils.run_id import DEFAULT_SEED, RunId, effective_name
 
 _PARENTHESES = re.compile(r"\s*\(([^()]*)\)")
@@ -18,7 +26,10 @@ _PARENTHESES = re.compile(r"\s*\(([^()]*)\)")
 
 class Parser(argparse.ArgumentParser):
     """argparse's errors as one line (no 40-line usage), printed once under a launcher, with a
-    suggestion for a misspelt option."""
+    suggestion for a misspelt option. Its groups take each option's role."""
+
+    def add_argument_group(self, *args, **kwargs) -> OptionGroup:
+        return option_group(self, *args, **kwargs)
 
     def error(self, message):
         unknown = [arg.split("=")[0] for arg in message.split(":", 1)[-1].split() if arg.startswith("--")]
@@ -89,8 +100,8 @@ def did_you_mean(given: str, known) -> str:
     return f"; did you mean {by_upper[close[0]]}?" if close else ""
 
 
-def _str2bool_flag(group, *names, help):
-    group.add_argument(*names, action="store_true", default=False, help=help)
+def _str2bool_flag(group, *names, help, role=None):
+    group.add_argument(*names, action="store_true", default=False, help=help, role=role)
 
 
 def default_lr(step: int) -> float:
@@ -109,22 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = parser.add_argument_group("data")
-    g.add_argument("--data_root", default="data", help="folder holding <dataset>/ made by process_data/")
-    g.add_argument("--dataset", default="vaihingen",
+    g.add_argument("--data_root", role=Role(kind="bookkeeping", per_run=True),
+                   default="data", help="folder holding <dataset>/ made by process_data/")
+    g.add_argument("--dataset", role=Role(compatible=True, per_run=True), default="vaihingen",
                    help=f"built in: {', '.join(tasks.DATASETS)}; or the name of a dataset of your own processed "
                         f"from its spec into --data_root (docs/data.md#your-own-dataset)")
-    g.add_argument("--task", default="4-1",
+    g.add_argument("--task", role=Role(compatible=True, per_run=True), default="4-1",
                    help=f"incremental task (--list_tasks): for ISPRS MiCro's {', '.join(tasks.TASKS['vaihingen'])} "
                         f"(clutter = background) or MiB-CD's {', '.join(tasks.MIBCD_TASKS['potsdam'])} (synthetic "
                         f"background)")
-    g.add_argument("--task_file", default=None,
+    g.add_argument("--task_file", role=Role(per_run=True), default=None,
                    help="JSON task file adding tasks to the dataset's (docs/data.md#task-files)")
-    g.add_argument("--list_tasks", action="store_true", default=False,
+    g.add_argument("--list_tasks", role=BOOKKEEPING, action="store_true", default=False,
                    help="print every task of --dataset (and --task_file) with its steps, and exit")
-    g.add_argument("--step", type=int, default=0, help="incremental step to train/test")
-    g.add_argument("--overlap", "--overlapped", dest="overlap", action="store_true", default=False,
+    g.add_argument("--step", role=Role(per_run=True), type=int, default=0, help="incremental step to train/test")
+    g.add_argument("--overlap", "--overlapped", role=Role(compatible=True),
+                   dest="overlap", action="store_true", default=False,
                    help="use the overlapped split instead of the disjoint one")
-    g.add_argument("--filter_mode", default=None,
+    g.add_argument("--filter_mode", role=Role(compatible=True), default=None,
                    help="training crops of a step: MiCro's tasks disjoint|overlap, MiB-CD's split|overlap|noov "
                         "(default: the first of the task's family)")
     g.add_argument("--cross_val", action="store_true", default=False,
@@ -140,13 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop_size", type=int, default=512, help="training crop size")
     _str2bool_flag(g, "--no_mask", help="at t > 0 old classes keep their labels in the training and validation "
                                         "labels instead of becoming background (MiB)")
-    g.add_argument("--num_workers", type=int, default=None,
+    g.add_argument("--num_workers", role=BOOKKEEPING, type=int, default=None,
                    help="data loader workers per process (default: min(8, CPUs / processes on this machine))")
 
     g = parser.add_argument_group("method")
-    g.add_argument("--method", default="FT",
+    g.add_argument("--method", role=Role(per_run=True), default="FT",
                    help=f"one of {', '.join(METHODS)}, case-insensitive; sets its presets (see below)")
-    g.add_argument("--print_presets", action="store_true", default=False,
+    g.add_argument("--print_presets", role=BOOKKEEPING, action="store_true", default=False,
                    help="print the options each method's preset sets (only --method's when given) and exit")
     g.add_argument("--name", default=None, help="experiment name (default: the method name)")
     g.add_argument("--loss_kd", type=float, default=0.0, help="weight of output distillation (KD / UnKD)")
@@ -162,15 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                "model's sigmoid outputs, instead of BCE + weighted distillation (MiB)")
     _str2bool_flag(g, "--icarl_bkg", help="with --icarl_disjoint: the background target comes from the labels, "
                                           "not from the old model (MiB)")
-    g.add_argument("--regularizer", default=None, choices=["ewc", "rw", "pi"], help="parameter regulariser")
-    g.add_argument("--reg_importance", type=float, default=1.0, help="regulariser weight (lambda)")
-    g.add_argument("--reg_alpha", type=float, default=0.9, help="EWC/RW running Fisher factor")
-    _str2bool_flag(g, "--reg_no_normalize", help="do not min-max normalise importance")
-    g.add_argument("--reg_iterations", type=int, default=10, help="RW score update period (iterations)")
-    _str2bool_flag(g, "--reg_update_after_step",
+    g.add_argument("--regularizer", role=Role(step0="regularizer"),
+                   default=None, choices=["ewc", "rw", "pi"], help="parameter regulariser")
+    g.add_argument("--reg_importance", role=Role(step0="regularizer"),
+                   type=float, default=1.0, help="regulariser weight (lambda)")
+    g.add_argument("--reg_alpha", role=Role(step0="regularizer"),
+                   type=float, default=0.9, help="EWC/RW running Fisher factor")
+    _str2bool_flag(g, "--reg_no_normalize", role=Role(step0="regularizer"), help="do not min-max normalise importance")
+    g.add_argument("--reg_iterations", role=Role(step0="regularizer"),
+                   type=int, default=10, help="RW score update period (iterations)")
+    _str2bool_flag(g, "--reg_update_after_step", role=Role(step0="regularizer"),
                    help="update PI/RW/EWC state after the optimiser step, pairing each gradient with its own "
                         "step's change (differs from MiB, which updates before it; see docs/fidelity.md)")
-    g.add_argument("--cd_factor", type=float, default=0.0,
+    g.add_argument("--cd_factor", role=Role(step0="cd_factor"), type=float, default=0.0,
                    help="rotation/flip invariance of features (MiB-CD); adds the term to any method")
     g.add_argument("--cd_factor_icl", type=float, default=0.0,
                    help="invariance w.r.t. the old model's features at t > 0 (MiB-CD)")
@@ -179,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ewf_alpha", type=float, default=None,
                    help="EWF's weight of the new model (default sqrt(new classes / all seen channels))")
     for cls in METHODS.values():
+        known = set(map(id, parser._actions))
         cls.add_arguments(parser)
+        for action in parser._actions:  # a method's own options: they count for it and its subclasses only
+            if id(action) not in known:
+                action.owner = cls
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=40, help="epochs per step (papers: 40)")
@@ -203,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "their running statistics stay fixed too (not MiB)")
     g.add_argument("--opt_level", default="O0", choices=["O0", "O1", "O2"],
                    help="O0 fp32 (paper); O1 fp16 autocast + GradScaler; O2 bf16 autocast")
-    g.add_argument("--random_seed", type=int, default=DEFAULT_SEED,
+    g.add_argument("--random_seed", role=Role(per_run=True), type=int, default=DEFAULT_SEED,
                    help=f"seed; any other than {DEFAULT_SEED} is appended to the run name as -s<seed>")
     _str2bool_flag(g, "--channels_last", help="channels-last memory format for model and inputs (faster "
                                               "convolutions on tensor-core GPUs)")
@@ -211,9 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "where no compiler is available)")
 
     g = parser.add_argument_group("model")
-    g.add_argument("--backbone", default="resnet101", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
-    g.add_argument("--output_stride", type=int, default=16, choices=[8, 16])
-    g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "std"])
+    g.add_argument("--backbone", role=Role(compatible=True),
+                   default="resnet101", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    g.add_argument("--output_stride", role=Role(compatible=True), type=int, default=16, choices=[8, 16])
+    g.add_argument("--norm_act", role=Role(compatible=True),
+                   default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "std"])
     g.add_argument("--no_pretrained", "--no-pretrained", dest="no_pretrained", action="store_true", default=False,
                    help="start from random weights instead of ImageNet")
     g.add_argument("--pretrained", default=None,
@@ -223,36 +246,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "no larger")
 
     g = parser.add_argument_group("checkpoints, testing and logging")
-    _str2bool_flag(g, "--test", help="only test the saved model of --step (or --ckpt)")
-    g.add_argument("--ckpt", default=None, help="checkpoint to test with --test (default: the step's own)")
-    g.add_argument("--step_ckpt", default=None, help="checkpoint to use as step t-1 (default: the step's own name)")
-    g.add_argument("--checkpoint_dir", default="checkpoints", help="root of checkpoints/step/")
-    g.add_argument("--results_dir", default="results", help="where the results CSV/JSON go")
-    g.add_argument("--logdir", default="logs", help="TensorBoard root")
-    g.add_argument("--val_interval", type=int, default=1, help="validate every N epochs (monitoring only)")
+    _str2bool_flag(g, "--test", role=Role(kind="bookkeeping", per_run=True),
+                   help="only test the saved model of --step (or --ckpt)")
+    g.add_argument("--ckpt", role=Role(kind="bookkeeping", per_run=True),
+                   default=None, help="checkpoint to test with --test (default: the step's own)")
+    g.add_argument("--step_ckpt", role=Role(kind="source", per_run=True),
+                   default=None, help="checkpoint to use as step t-1 (default: the step's own name)")
+    g.add_argument("--checkpoint_dir", role=BOOKKEEPING, default="checkpoints", help="root of checkpoints/step/")
+    g.add_argument("--results_dir", role=BOOKKEEPING, default="results", help="where the results CSV/JSON go")
+    g.add_argument("--logdir", role=BOOKKEEPING, default="logs", help="TensorBoard root")
+    g.add_argument("--val_interval", role=BOOKKEEPING,
+                   type=int, default=1, help="validate every N epochs (monitoring only)")
     g.add_argument("--patience", type=int, default=0,
                    help="early stopping: stop after N epochs without a better validation mIoU and keep the "
                         "best epoch as the step checkpoint (0 = off; needs --val_fraction or --cross_val)")
-    g.add_argument("--print_interval", type=int, default=10, help="log training losses every N iterations")
-    g.add_argument("--sample_num", type=int, default=4,
+    g.add_argument("--print_interval", role=BOOKKEEPING,
+                   type=int, default=10, help="log training losses every N iterations")
+    g.add_argument("--sample_num", role=BOOKKEEPING, type=int, default=4,
                    help="test crops shown as image | ground truth | prediction in TensorBoard (0: none)")
     _str2bool_flag(g, "--debug", help="tiny runs: 2 iterations per epoch and per evaluation")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+    g.add_argument("--device", role=BOOKKEEPING, default="auto", choices=["auto", "cuda", "cpu"],
                    help="auto: the GPU of the local rank when GPUs are visible, else the CPU; it stops with an "
                         "error when this machine has GPUs that are hidden (CUDA_VISIBLE_DEVICES). "
                         "cpu: run on the CPU on purpose (default: auto)")
-    _str2bool_flag(g, "--no_resume", help="start the step over even if its last (resume) checkpoint exists")
-    g.add_argument("--ckpt_interval", type=int, default=0,
+    _str2bool_flag(g, "--no_resume", role=BOOKKEEPING,
+                   help="start the step over even if its last (resume) checkpoint exists")
+    g.add_argument("--ckpt_interval", role=BOOKKEEPING, type=int, default=0,
                    help="also write the resume checkpoint every N iterations (0: only at the end of each epoch)")
-    g.add_argument("--preempt_signals", default="TERM,USR1",
+    g.add_argument("--preempt_signals", role=BOOKKEEPING, default="TERM,USR1",
                    help="signals that make training stop at the next iteration (all ranks together), write the "
                         "resume checkpoint and exit with code 75; a SLURM batch job allowed to requeue is requeued "
                         "after USR1/USR2 (docs/clusters.md); empty: none")
-    _str2bool_flag(g, "--allow_mismatch", help="only warn when a loaded checkpoint was trained with another "
+    _str2bool_flag(g, "--allow_mismatch", role=BOOKKEEPING,
+                   help="only warn when a loaded checkpoint was trained with another "
                                                "backbone/output_stride/norm_act/task/split/dataset")
-    g.add_argument("--dist_timeout", type=float, default=300.0,
+    g.add_argument("--dist_timeout", role=BOOKKEEPING, type=float, default=300.0,
                    help="seconds a process waits for the others before the run fails (stalled rank)")
-    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+    g.add_argument("--local_rank", "--local-rank", role=Role(kind="bookkeeping", per_run=True),
+                   dest="local_rank", type=int, default=None,
                    help="set by torch.distributed.launch; torchrun uses the environment")
     for action in parser._actions:  # argparse prints no help line, hence no default, for help=None
         if action.help is None and action.option_strings and action.nargs != 0:
@@ -388,3 +419,72 @@ def _check_range(opts, key, low, high, wording, low_open=False, high_open=False)
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
         raise UserError(f"--{key} must be {wording} (got {value})")
+
+
+# ---------------------------------------------------------------- option roles and the records built from them
+# Values recorded with the options that no option sets directly (argparser and run.py derive them).
+DERIVED_ROLES = {"base_name": Role(), "split_suffix": Role(), "in_channels": Role(),
+                 "command_line": BOOKKEEPING}
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_parser() -> argparse.ArgumentParser:
+    return build_parser()
+
+
+def _option_actions() -> list[argparse.Action]:
+    return [a for a in _reference_parser()._actions if a.option_strings and a.dest != "help"]
+
+
+def option_roles() -> dict[str, Role]:
+    """{option or recorded value: its Role}, as declared where each option is defined."""
+    return {**{a.dest: a.role for a in _option_actions()}, **DERIVED_ROLES}
+
+
+def options_of_kind(*kinds: str) -> frozenset[str]:
+    """Names of the options (and recorded values) of the given Role kinds."""
+    return frozenset(k for k, role in option_roles().items() if role.kind in kinds)
+
+
+def compatibility_options() -> list[tuple[str, str]]:
+    """(option, flag) of the options a loaded checkpoint must share with the run."""
+    return [(a.dest, a.option_strings[0]) for a in _option_actions() if a.role.compatible]
+
+
+def per_run_flags() -> tuple[str, ...]:
+    """Every spelling of the options a campaign sets for each run."""
+    return tuple(flag for a in _option_actions() if a.role.per_run for flag in a.option_strings)
+
+
+def method_options(opts: argparse.Namespace) -> MethodOptions:
+    """The options --method's class reads: the shared method options, its own classes' options (in their
+    class hierarchy), step, random_seed and lr; with the step-0 terms their roles declare."""
+    method_cls = get_method_class(opts.method)
+    values, step0 = {}, {}
+    for action in _option_actions():
+        owner = getattr(action, "owner", None)
+        if owner is None and action.container.title != "method":
+            continue
+        if owner is not None and not issubclass(method_cls, owner):
+            continue
+        values[action.dest] = getattr(opts, action.dest)
+        if action.role.step0:
+            step0.setdefault(action.role.step0, []).append(action.dest)
+    return MethodOptions({k: tuple(v) for k, v in step0.items()}, **values, step=opts.step,
+                         random_seed=opts.random_seed, lr=opts.lr)
+
+
+def _record(cls, opts: argparse.Namespace, **extra):
+    return cls(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(cls) if f.name not in extra}, **extra)
+
+
+def data_options(opts: argparse.Namespace) -> DataOptions:
+    return _record(DataOptions, opts)
+
+
+def model_options(opts: argparse.Namespace, in_channels: int = 3) -> ModelOptions:
+    return _record(ModelOptions, opts, in_channels=in_channels)
+
+
+def optimizer_options(opts: argparse.Namespace) -> OptimizerOptions:
+    return _record(OptimizerOptions, opts)

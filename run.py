@@ -19,10 +19,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 import tasks
-from argparser import default_lr, parse_args, run_id
+from argparser import data_options, default_lr, parse_args, run_id
 from dataset.incremental import SeededSampler
 from dataset.layout import load_meta
-from dataset.step_datasets import data_protocol, get_datasets
+from dataset.step_datasets import get_datasets
 from dataset.transforms import BatchNormalize
 from methods import SetupContext, get_method_class
 from models import norm_act_factory
@@ -247,7 +247,7 @@ def test_and_report(model, opts, dist, test_loader, classes, logger, meta, recor
                                 amp_dtype=AMP_LEVELS[opts.opt_level][0], sample_num=opts.sample_num,
                                 max_batches=batches_per_pass(test_loader, opts.debug))
     results = metrics.results(old_classes=list(range(classes[0])), new_classes=list(range(classes[0], num_seen)))
-    results["protocol"] = data_protocol(opts)  # label convention of the test (recorded in the JSON)
+    results["protocol"] = data_options(opts).protocol()  # label convention of the test (recorded in the JSON)
     all_names = tasks.channel_names(opts.dataset, opts.task)
     names = all_names[:num_seen]
     if dist.rank == 0:
@@ -407,7 +407,7 @@ def run_step(opts, dist, preemption=None) -> dict:
 
 def load_data(opts, dist, test_only: bool = False):
     """The step's loaders (train, validation, test); for --test only the test loader (the others None)."""
-    train_set, val_set, test_set = get_datasets(opts)
+    train_set, val_set, test_set = get_datasets(data_options(opts))
     if test_only:
         return make_loaders(opts, dist, None, None, test_set)
     return make_loaders(opts, dist, train_set, val_set, test_set)

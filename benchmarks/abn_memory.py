@@ -34,14 +34,14 @@ def measure(args):
     import torch
     import torch.nn.functional as F
 
-    from argparser import parse_args
+    from argparser import model_options, parse_args
     from models.norm_act import norm_act_factory
     from modules import make_model
     torch.manual_seed(0)
     device = torch.device(args.device)
     opts = parse_args(["--backbone", args.backbone, "--norm_act", args.norm_act, "--no_pretrained",
                        "--output_stride", str(args.output_stride)])
-    model = make_model(opts, [6]).to(device).train()
+    model = make_model(model_options(opts), [6]).to(device).train()
     kind = type(norm_act_factory(args.norm_act)(8)).__module__ + "." + type(norm_act_factory(args.norm_act)(8)).__name__
     x = torch.randn(args.batch_size, 3, args.crop, args.crop, device=device)
     y = torch.randint(0, 6, (args.batch_size, args.crop, args.crop), device=device)

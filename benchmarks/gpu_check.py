@@ -180,11 +180,11 @@ def check_resume(ctx):
 
 MEMORY_PROBE = r"""
 import sys, torch, torch.nn.functional as F
-from argparser import parse_args
+from argparser import model_options, parse_args
 from modules import make_model
 backbone, crop, batch, device, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 opts = parse_args(["--backbone", backbone, "--norm_act", "iabn", "--no_pretrained", "--output_stride", "16"])
-model = make_model(opts, [6]).to(device).train()
+model = make_model(model_options(opts), [6]).to(device).train()
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 x = torch.randn(batch, 3, crop, crop, device=device)
 y = torch.randint(0, 6, (batch, crop, crop), device=device)

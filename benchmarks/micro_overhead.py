@@ -107,7 +107,7 @@ def main(argv=None):
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
     labels = synthetic_labels(opts_micro, classes, batch, size, device, generator)
     measure = timer(device, args.warmup, args.iters)
-    micro = MiCro(opts_micro, step, classes)
+    micro = MiCro(argparser.method_options(opts_micro), step, classes)
     rows = {}
 
     if args.losses_only:
@@ -119,8 +119,8 @@ def main(argv=None):
     else:
         from modules import make_model
 
-        model = make_model(opts_micro, classes).to(device).train()
-        old_model = make_model(opts_micro, classes[:-1]).to(device).eval() if step else None
+        model = make_model(argparser.model_options(opts_micro), classes).to(device).train()
+        old_model = make_model(argparser.model_options(opts_micro), classes[:-1]).to(device).eval() if step else None
         if old_model is not None:
             for p in old_model.parameters():
                 p.requires_grad_(False)
@@ -145,7 +145,7 @@ def main(argv=None):
     memory = {}
     if model is not None:
         for name, opts in (("MiB", opts_mib), ("MiCro", opts_micro)):
-            method = (MiB if name == "MiB" else MiCro)(opts, step, classes)
+            method = (MiB if name == "MiB" else MiCro)(argparser.method_options(opts), step, classes)
 
             def iteration(opts=opts, method=method):
                 model.zero_grad(set_to_none=True)

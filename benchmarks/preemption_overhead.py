@@ -26,7 +26,7 @@ def worker(rank, args, port, queue):
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from argparser import parse_args
+    from argparser import model_options, parse_args
     from modules import make_model
     from utils.distributed import rendezvous_store
     from utils.preemption import Preemption
@@ -45,7 +45,7 @@ def worker(rank, args, port, queue):
 
     torch.manual_seed(0)
     opts = parse_args(["--backbone", args.backbone, "--norm_act", "iabn", "--no_pretrained"])
-    model = torch.nn.parallel.DistributedDataParallel(make_model(opts, [6]).train())
+    model = torch.nn.parallel.DistributedDataParallel(make_model(model_options(opts), [6]).train())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(args.batch_size, 3, args.crop, args.crop)
     y = torch.randint(0, 6, (args.batch_size, args.crop, args.crop))

@@ -205,11 +205,11 @@ def cost(out: Path) -> list[str]:
             f"(model + optimizer + RNG, incl. the NaN check) -> ratio {mean_save / mean_epoch:.3f}"]
 
     # The checkpoint of the real model: ResNet-101 DeepLabV3 with momentum buffers.
-    from argparser import parse_args
+    from argparser import model_options, parse_args
     from modules import make_model
 
     opts = parse_args(["--backbone", "resnet101", "--no_pretrained", "--norm_act", "iabn"])
-    model = make_model(opts, [5])
+    model = make_model(model_options(opts), [5])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     for p in model.parameters():
         optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)

@@ -1,5 +1,5 @@
-"""The (train, val, test) datasets of one incremental step: its split file, the label remapping of its task, the
-data protocol of its family (validation and test crops)."""
+"""The (train, val, test) datasets of one incremental step (its settled options: dataset/options.py): its split
+file, the label remapping of its task, its validation and test crops."""
 import sys
 
 import numpy as np
@@ -9,11 +9,10 @@ from dataset import layout as data_layout
 from dataset.layout import dataset_dir, load_meta, meta_file, process_command, process_script, splits_command
 from utils.errors import UserError
 
-from .incremental import IncrementalDataset, default_unseen, label_lut
+from .incremental import IncrementalDataset, label_lut
 from .isprs import ISPRSCrops
+from .options import DataOptions
 from .transforms import eval_transform, train_transform
-
-CROSS_VAL_FRACTION = 0.2
 
 
 def split_file(data_root, dataset, task, step, overlap):
@@ -25,22 +24,6 @@ def split_file(data_root, dataset, task, step, overlap):
     mode = overlap if isinstance(overlap, str) else ("overlap" if overlap else None)
     suffix = tasks.split_suffix(dataset, task, mode)
     return data_layout.split_file(dataset_dir(data_root, dataset), task, suffix, step)
-
-
-def data_protocol(opts):
-    """The data conventions of a run, with each family's defaults filled in:
-    {family, filter_mode, test_unseen ('background'|'ignore'), test_crops ('all'|'step'), val_fraction}."""
-    dataset, task = opts.dataset, opts.task
-    mode = getattr(opts, "filter_mode", None) or ("overlap" if getattr(opts, "overlap", False) else None)
-    synthetic = tasks.synthetic_background(dataset, task)
-    val_fraction = getattr(opts, "val_fraction", None)
-    if val_fraction is None and getattr(opts, "cross_val", False):
-        val_fraction = CROSS_VAL_FRACTION
-    return {"family": tasks.family(dataset, task),
-            "filter_mode": tasks.check_filter_mode(dataset, task, mode),
-            "test_unseen": getattr(opts, "test_unseen", None) or default_unseen(dataset, task),
-            "test_crops": getattr(opts, "test_crops", None) or ("step" if synthetic else "all"),
-            "val_fraction": val_fraction}
 
 
 def _load_split(path, n_train_crops, data_root, dataset, task_file=None):
@@ -58,11 +41,9 @@ def _load_split(path, n_train_crops, data_root, dataset, task_file=None):
     return np.sort(indices.astype(np.int64))
 
 
-def get_datasets(opts):
-    """(train, val, test) datasets of one incremental step.
+def get_datasets(data: DataOptions):
+    """(train, val, test) datasets of one incremental step of `data` (dataset.options.DataOptions).
 
-    opts: data_root, dataset, task, step, overlap or filter_mode, crop_size, cross_val or
-    val_fraction, test_unseen, test_crops, random_seed, no_mask (data_protocol fills in what is missing).
     train: the step's split file, augmented, train remapping. val: the test crops containing a
     class of the step, or with a validation fraction that share of the step's train crops held out
     (seeded); val remapping. test: every test crop (or, with test_crops 'step', those containing a
@@ -70,13 +51,11 @@ def get_datasets(opts):
     Items are (image uint8 [H, W, C], label uint8 [H, W]); `BatchNormalize(meta["mean"], meta["std"])`
     makes a batch of them the float32 [N, C, H, W] normalised input, on the device.
     """
-    data_root, dataset, task, step = opts.data_root, opts.dataset, opts.task, opts.step
-    tasks.prepare(dataset, data_root, getattr(opts, "task_file", None))
-    protocol = data_protocol(opts)
+    data_root, dataset, task, step = data.data_root, data.dataset, data.task, data.step
     meta = load_meta(data_root, dataset)
     new_classes, _ = tasks.get_task_labels(dataset, task, step)  # validates task and step
 
-    path = split_file(data_root, dataset, task, step, protocol["filter_mode"])
+    path = split_file(data_root, dataset, task, step, data.filter_mode)
     if not tasks.is_shipped(dataset, task):  # a task file's task: its split files follow the file, from meta.json
         from process_data.splits import write_splits  # the processing's own split rules
         try:
@@ -86,7 +65,7 @@ def get_datasets(opts):
                             f"({err.strerror or err}); process a copy of the dataset you can write to") from None
     train_base = ISPRSCrops(data_root, dataset, "train", meta)
     test_base = ISPRSCrops(data_root, dataset, "test", meta)
-    indices = _load_split(path, len(train_base), data_root, dataset, getattr(opts, "task_file", None))
+    indices = _load_split(path, len(train_base), data_root, dataset, data.task_file)
     if len(indices) == 0:
         names = ", ".join(tasks.class_names(dataset)[c] for c in new_classes)
         raise UserError(f"step {step} of task {task} has no training crop ({path} is empty: no "
@@ -94,23 +73,21 @@ def get_datasets(opts):
                         f"--min_pixels with `python {process_script(dataset)} --dst "
                         f"{data_root} --splits_only --min_pixels N`, or choose another task")
 
-    crop_size = getattr(opts, "crop_size", None) or meta["crop_size"]
+    crop_size = data.crop_size or meta["crop_size"]
     if crop_size > meta["crop_size"]:
         raise UserError(f"--crop_size {crop_size} is larger than the crops stored in "
                         f"{meta_file(dataset_dir(data_root, dataset))} ({meta['crop_size']} px); train "
                         f"with --crop_size {meta['crop_size']} or process the data again with "
                         f"`{process_command(data_root, dataset)} --crop_size {crop_size}`")
-    masking = not getattr(opts, "no_mask", False)
-    luts = {mode: label_lut(dataset, task, step, mode, unseen=protocol["test_unseen"], masking=masking)
+    masking = not data.no_mask
+    luts = {mode: label_lut(dataset, task, step, mode, unseen=data.test_unseen, masking=masking)
             for mode in ("train", "val", "test")}
     min_pixels = max(int(meta["split"]["min_pixels"]), 1)
     step_test_crops = np.flatnonzero((test_base.class_pixels()[:, new_classes] >= min_pixels).any(axis=1))
 
-    fraction = protocol["val_fraction"]
+    fraction = data.val_fraction
     if fraction is not None:
-        if not 0 < fraction < 1:
-            raise UserError(f"--val_fraction {fraction}: give a fraction of the training crops between 0 and 1")
-        rng = np.random.default_rng(getattr(opts, "random_seed", 42))
+        rng = np.random.default_rng(data.random_seed)
         shuffled = rng.permutation(indices)
         n_val = int(round(fraction * len(shuffled)))
         if len(shuffled) >= 2:
@@ -126,6 +103,6 @@ def get_datasets(opts):
         val = IncrementalDataset(test_base, step_test_crops, luts["val"], eval_transform())
 
     train = IncrementalDataset(train_base, indices, luts["train"], train_transform(crop_size))
-    test_indices = step_test_crops if protocol["test_crops"] == "step" else np.arange(len(test_base))
+    test_indices = step_test_crops if data.test_crops == "step" else np.arange(len(test_base))
     test = IncrementalDataset(test_base, test_indices, luts["test"], eval_transform())
     return train, val, test

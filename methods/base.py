@@ -18,6 +18,22 @@ from methods.regularizers import check_options as check_regularizer_options
 from methods.regularizers import make_regularizer
 from utils.checkpoint import loader_generator
 from utils.errors import UserError
+from utils.options import OptionRecord, option_group
+
+
+class MethodOptions(OptionRecord):
+    """The options a method reads: those every method shares (run.py's "method" group), its own classes'
+    (Method.add_arguments), and step, random_seed and lr. `step0`: {term: option names} of the options
+    declared to act at step 0 (utils.options.Role.step0), in declaration order."""
+
+    __slots__ = ("step0",)
+
+    def __init__(self, step0: dict[str, tuple[str, ...]] | None = None, **values):
+        super().__init__(**values)
+        object.__setattr__(self, "step0", dict(step0 or {}))
+
+    def replace(self, **changes):
+        return type(self)(self.step0, **{**self.as_dict(), **changes})
 
 
 @dataclass
@@ -90,27 +106,27 @@ class Method:
 
     # ---------------------------------------------------------------- what step 0 depends on
     @classmethod
-    def step0_terms(cls, opts) -> dict:
+    def step0_terms(cls, options) -> dict:
         """The step-0 loss terms and the state step 0 hands to step 1, from the options (after presets).
 
         Options read only at t > 0 (KD/DE/iCaRL weights, UnCE/UnKD, balanced init, cd_factor_icl) are
         not in it; options shared by every method (data, model, schedule, seed) are not either. A
         subclass whose own terms act at step 0 overrides this and adds them."""
-        terms = {"segmentation": "bce" if opts.icarl or getattr(opts, "bce", False) else "ce"}
-        if opts.regularizer:  # its state (Fisher, scores) must be accumulated during step 0
-            terms["regularizer"] = [opts.regularizer, opts.reg_importance, opts.reg_alpha,
-                                    bool(opts.reg_no_normalize), opts.reg_iterations,
-                                    bool(getattr(opts, "reg_update_after_step", False))]
-        if opts.cd_factor > 0:
-            terms["cd_factor"] = opts.cd_factor
+        terms = {"segmentation": "bce" if options.icarl or options.bce else "ce"}
+        # the options declared to act at step 0 (e.g. a regulariser's, whose state step 0 accumulates):
+        # a term counts when its first option is on
+        for term, names in options.step0.items():
+            values = [getattr(options, name) for name in names]
+            if values[0]:
+                terms[term] = values if len(values) > 1 else values[0]
         return terms
 
     @classmethod
-    def step0_signature(cls, opts) -> str:
+    def step0_signature(cls, options) -> str:
         """Methods with equal signatures (and equal shared options) train the same step-0 model and
         state, so a campaign trains it once. A class that overrides a training hook but inherits
         `step0_terms` from above that override is assumed to differ at step 0: it never shares."""
-        terms = cls.step0_terms(opts)
+        terms = cls.step0_terms(options)
         for klass in cls.__mro__:
             if "step0_terms" in vars(klass) or klass is Method:
                 break
@@ -129,54 +145,55 @@ class Method:
         registered method's add_arguments runs, and a subclass inherits its parent's."""
         if first_flag in parser._option_string_actions:
             return None
-        return parser.add_argument_group(title, description)
+        return option_group(parser, title, description)  # its options take `role=` (utils.options.Role)
 
     @classmethod
-    def validate(cls, opts, step: int | None = None) -> None:
+    def validate(cls, options, step: int | None = None) -> None:
         """Refuse options this method cannot train with: a UserError worded in flags, before anything is
-        built. `step`: the step to train (default opts.step). argparser.finalize calls it once for the
+        built. `step`: the step to train (default options.step). argparser.finalize calls it once for the
         chosen method; the constructor calls it too, so a method built without the command line is
-        checked the same way. A subclass checks its own options after `super().validate(opts, step)`."""
-        step = getattr(opts, "step", 0) if step is None else step
-        if getattr(opts, "icarl", False) and getattr(opts, "unce", False):
+        checked the same way. A subclass checks its own options after `super().validate(options, step)`."""
+        step = options.step if step is None else step
+        if options.icarl and options.unce:
             raise UserError("--icarl (BCE classifier, LWF-MC) and --unce (unbiased cross-entropy, MiB) are "
                             "alternative segmentation losses; drop one of them")
         # icarl_replaces_segmentation and uses_invariance at this step
-        if step > 0 and opts.icarl and opts.icarl_disjoint and (opts.cd_factor > 0 or opts.cd_factor_icl > 0):
+        invariance = options.cd_factor > 0 or options.cd_factor_icl > 0
+        if step > 0 and options.icarl and options.icarl_disjoint and invariance:
             raise UserError("--icarl_disjoint replaces the segmentation loss with one that needs the old model's "
                             "outputs on the same images, which the rotated half of --cd_factor/--cd_factor_icl "
                             "does not have; drop --icarl_disjoint or the invariance terms")
-        check_regularizer_options(opts)
-        check_ewf_options(opts)
+        check_regularizer_options(options)
+        check_ewf_options(options)
 
-    def __init__(self, opts, step: int, classes: list[int]):
-        type(self).validate(opts, step)
-        self.opts = opts
+    def __init__(self, options, step: int, classes: list[int]):
+        type(self).validate(options, step)
+        self.options = options
         self.step = step
         self.classes = list(classes)
         self.old_classes = sum(self.classes[:-1]) if step > 0 else 0
         self.regularizer = None
         self.ewf_previous = None  # --ewf: the step t-1 weights (from `setup`)
         # Symmetries are drawn from a seeded generator so runs are reproducible.
-        self._symmetry_rng = torch.Generator().manual_seed(int(opts.random_seed) + 1000 * step)
+        self._symmetry_rng = torch.Generator().manual_seed(int(options.random_seed) + 1000 * step)
 
     @property
     def icarl_replaces_segmentation(self) -> bool:
         """MiB's --icarl_disjoint at t > 0: one iCaRL loss instead of BCE + iCaRL distillation."""
-        return self.step > 0 and self.opts.icarl and self.opts.icarl_disjoint
+        return self.step > 0 and self.options.icarl and self.options.icarl_disjoint
 
     # ---------------------------------------------------------------- model set-up
     @property
     def uses_old_model(self) -> bool:
         """Whether the frozen model of step t-1 must be run during training (not for FT or a
         regulariser alone: they would pay a forward pass for nothing)."""
-        opts = self.opts
-        return self.step > 0 and (self.own_terms_read_old_model or opts.loss_kd > 0 or opts.loss_de > 0
-                                  or opts.icarl or opts.cd_factor_icl > 0)
+        options = self.options
+        return self.step > 0 and (self.own_terms_read_old_model or options.loss_kd > 0 or options.loss_de > 0
+                                  or options.icarl or options.cd_factor_icl > 0)
 
     def init_new_model(self, model) -> None:
         """Called once after the step t-1 weights were loaded into the new model (t > 0)."""
-        if self.opts.init_balanced:
+        if self.options.init_balanced:
             model.init_new_classifier(self.step)
 
     def setup(self, ctx: SetupContext) -> None:
@@ -190,7 +207,7 @@ class Method:
             for index in range(self.step):  # old classifiers (background included) out of the optimiser
                 model.cls[index].requires_grad_(False)
         previous_state = ctx.previous_state or {}
-        name = self.opts.regularizer
+        name = self.options.regularizer
         if not name:
             return
         prev_reg = previous_state.get("regularizer")
@@ -204,11 +221,11 @@ class Method:
             name,
             params,
             previous_state=prev_reg["state"] if prev_reg else None,
-            importance=self.opts.reg_importance,
-            alpha=self.opts.reg_alpha,
-            normalize=not self.opts.reg_no_normalize,
-            iterations=self.opts.reg_iterations,
-            update_after_step=self.opts.reg_update_after_step,
+            importance=self.options.reg_importance,
+            alpha=self.options.reg_alpha,
+            normalize=not self.options.reg_no_normalize,
+            iterations=self.options.reg_iterations,
+            update_after_step=self.options.reg_update_after_step,
         )
 
     # ---------------------------------------------------------------- training
@@ -218,9 +235,9 @@ class Method:
 
     def segmentation_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """BCE (--bce or --icarl, before --unce as in MiB), UnCE at t > 0, else CE."""
-        if self.opts.bce or self.opts.icarl:
+        if self.options.bce or self.options.icarl:
             return losses.bce_with_onehot(logits, labels)
-        if self.opts.unce and self.step > 0:
+        if self.options.unce and self.step > 0:
             return losses.unbiased_cross_entropy(logits, labels, self.old_classes)
         return losses.cross_entropy(logits, labels)
 
@@ -229,14 +246,14 @@ class Method:
         terms = {}
         if ctx.old_logits is None:
             return terms
-        opts = self.opts
-        if opts.loss_kd > 0:
-            kd = losses.unbiased_knowledge_distillation if opts.unkd else losses.knowledge_distillation
-            terms["kd"] = opts.loss_kd * kd(ctx.logits, ctx.old_logits, alpha=opts.alpha)
-        if opts.loss_de > 0:
-            terms["de"] = opts.loss_de * losses.feature_distillation(ctx.features["body"], ctx.old_features["body"])
-        if opts.icarl and not self.icarl_replaces_segmentation:
-            terms["icarl"] = opts.icarl_importance * losses.icarl_distillation(ctx.logits, ctx.old_logits)
+        options = self.options
+        if options.loss_kd > 0:
+            kd = losses.unbiased_knowledge_distillation if options.unkd else losses.knowledge_distillation
+            terms["kd"] = options.loss_kd * kd(ctx.logits, ctx.old_logits, alpha=options.alpha)
+        if options.loss_de > 0:
+            terms["de"] = options.loss_de * losses.feature_distillation(ctx.features["body"], ctx.old_features["body"])
+        if options.icarl and not self.icarl_replaces_segmentation:
+            terms["icarl"] = options.icarl_importance * losses.icarl_distillation(ctx.logits, ctx.old_logits)
         return terms
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -245,7 +262,7 @@ class Method:
 
     @property
     def uses_invariance(self) -> bool:
-        return self.opts.cd_factor > 0 or (self.step > 0 and self.opts.cd_factor_icl > 0)
+        return self.options.cd_factor > 0 or (self.step > 0 and self.options.cd_factor_icl > 0)
 
     def training_losses(self, model, old_model, images, labels) -> dict[str, torch.Tensor]:
         """Forward the batch (doubled with a random symmetry for MiB-CD) and return the weighted loss
@@ -277,7 +294,7 @@ class Method:
             old_features=old_features,
         )
         if self.icarl_replaces_segmentation:
-            seg = losses.icarl_disjoint(ctx.logits, old_logits, labels, background_from_labels=self.opts.icarl_bkg)
+            seg = losses.icarl_disjoint(ctx.logits, old_logits, labels, background_from_labels=self.options.icarl_bkg)
         else:
             seg = self.segmentation_loss(logits_all, seg_labels)
         terms = {"seg": seg}
@@ -290,8 +307,8 @@ class Method:
                     old_features["pre_logits"] if old_features is not None else None,
                     symmetry,
                     batch,
-                    cd_factor=self.opts.cd_factor,
-                    cd_factor_icl=self.opts.cd_factor_icl,
+                    cd_factor=self.options.cd_factor,
+                    cd_factor_icl=self.options.cd_factor_icl,
                 )
             )
         return terms
@@ -300,7 +317,7 @@ class Method:
     @property
     def uses_ewf(self) -> bool:
         """--ewf at t > 0: old classifiers frozen, endpoints weight fusion after training."""
-        return self.step > 0 and bool(getattr(self.opts, "ewf", False))
+        return self.step > 0 and bool(getattr(self.options, "ewf", False))
 
     def finish_training(self, model) -> dict[str, float]:
         """After the step's last epoch (and --patience's choice of weights), before the step checkpoint is
@@ -308,7 +325,7 @@ class Method:
         log."""
         if not self.uses_ewf:
             return {}
-        alpha = ewf_alpha(self.classes, getattr(self.opts, "ewf_alpha", None))
+        alpha = ewf_alpha(self.classes, getattr(self.options, "ewf_alpha", None))
         fused = fuse_endpoints(model, self.ewf_previous, alpha)
         return {"ewf_alpha": alpha, "ewf_fused_tensors": float(fused)}
 
@@ -331,7 +348,7 @@ class Method:
             # the penalty's curvature 2·λ·Ω makes SGD unstable when lr·2λ is large
             # (docs/methods.md#parameter-regularisers)
             return (f"lower --lr or --reg_importance (with momentum 0.9 SGD needs lr·2·reg_importance < 3.8; "
-                    f"here {self.opts.lr:g}·2·{self.opts.reg_importance:g})")
+                    f"here {self.options.lr:g}·2·{self.options.reg_importance:g})")
         return None
 
     # ---------------------------------------------------------------- resume within a step
@@ -357,7 +374,7 @@ class Method:
         """State saved in the step checkpoint and handed to the next step's `setup`."""
         state = {}
         if self.regularizer is not None:
-            state["regularizer"] = {"name": self.opts.regularizer, "state": self.regularizer.state_dict()}
+            state["regularizer"] = {"name": self.options.regularizer, "state": self.regularizer.state_dict()}
         return state
 
 

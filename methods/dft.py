@@ -22,17 +22,17 @@ class DFTStar(Method):
         return list(task_classes)
 
     @classmethod
-    def step0_terms(cls, opts) -> dict:
+    def step0_terms(cls, options) -> dict:
         # another model (every step's classifier) and learning rate from step 0: never shares FT's step 0
-        return {**super().step0_terms(opts), "classifiers": "every step from step 0"}
+        return {**super().step0_terms(options), "classifiers": "every step from step 0"}
 
     @classmethod
-    def validate(cls, opts, step=None) -> None:
-        super().validate(opts, step)
+    def validate(cls, options, step=None) -> None:
+        super().validate(options, step)
         conflicting = [flag for flag, on in (
-            ("--init_balanced", opts.init_balanced), ("--unce", opts.unce), ("--bce", opts.bce),
-            ("--icarl", opts.icarl), ("--loss_kd", opts.loss_kd > 0), ("--loss_de", opts.loss_de > 0),
-            ("--cd_factor_icl", opts.cd_factor_icl > 0), ("--regularizer", bool(opts.regularizer))) if on]
+            ("--init_balanced", options.init_balanced), ("--unce", options.unce), ("--bce", options.bce),
+            ("--icarl", options.icarl), ("--loss_kd", options.loss_kd > 0), ("--loss_de", options.loss_de > 0),
+            ("--cd_factor_icl", options.cd_factor_icl > 0), ("--regularizer", bool(options.regularizer))) if on]
         if conflicting:
             raise UserError(f"DFTstar trains the pre-allocated classifiers with plain cross-entropy and never runs "
                             f"the old model; drop {', '.join(conflicting)}")

@@ -40,10 +40,10 @@ def fuse_endpoints(model: torch.nn.Module, previous_state: dict, alpha: float) -
     return fused
 
 
-def check_options(opts) -> None:
+def check_options(options) -> None:
     """--ewf_alpha must be a fusion weight in (0, 1]."""
-    alpha = getattr(opts, "ewf_alpha", None)
+    alpha = getattr(options, "ewf_alpha", None)
     if alpha is not None and not 0.0 < alpha <= 1.0:
         raise UserError(f"--ewf_alpha must be in (0, 1] (the weight of the new step's model), got {alpha}")
-    if alpha is not None and not getattr(opts, "ewf", False):
+    if alpha is not None and not getattr(options, "ewf", False):
         raise UserError("--ewf_alpha sets the fusion weight of --ewf; add --ewf or drop --ewf_alpha")

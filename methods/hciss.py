@@ -60,16 +60,16 @@ class HCISS(Method):
                            help="weight of the feature global perception loss (100; 0 disables it)")
 
     @classmethod
-    def step0_terms(cls, opts) -> dict:
-        return super().step0_terms(opts)  # both HCISS terms need the old model: step 0 is the base's
+    def step0_terms(cls, options) -> dict:
+        return super().step0_terms(options)  # both HCISS terms need the old model: step 0 is the base's
 
     def target_labels(self, labels: torch.Tensor, old_logits: torch.Tensor | None) -> torch.Tensor:
         if self.step == 0:
             return labels
-        return reconstruct_labels(labels, old_logits, self.opts.hciss_threshold)
+        return reconstruct_labels(labels, old_logits, self.options.hciss_threshold)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        if ctx.old_features is None or ctx.old_logits is None or self.opts.hciss_fgp <= 0:
+        if ctx.old_features is None or ctx.old_logits is None or self.options.hciss_fgp <= 0:
             return {}
         loss = feature_global_perception_loss(ctx.features["body"], ctx.old_features["body"], ctx.old_logits)
-        return {"fgp": self.opts.hciss_fgp * loss}
+        return {"fgp": self.options.hciss_fgp * loss}

@@ -10,6 +10,10 @@ from methods.base import StepContext
 from methods.common import IGNORE_INDEX, at_least_fp32, reconstruct_labels
 from methods.mib_family import MiB
 from utils.errors import UserError
+from utils.options import Role
+
+# The pixel contrast acts from step 0: its options are counted in the step-0 signature when it is on.
+CONTRAST_AT_STEP0 = Role(step0="micro_contrast")
 
 
 # ---------------------------------------------------------------- feature grid
@@ -177,54 +181,51 @@ class MiCro(MiB):
 
     @classmethod
     def add_arguments(cls, parser) -> None:
-        group = cls.argument_group_once(parser, "--micro_pool", "MiCro",
+        group = cls.argument_group_once(parser, "--micro_contrast", "MiCro",
                                         "MiCro reconstruction (docs/methods.md#micro-flags)")
         if group is None:
             return
-        group.add_argument("--micro_pool", type=int, default=2,
+        group.add_argument("--micro_contrast", role=CONTRAST_AT_STEP0, type=float, default=0.1,
+                           help="weight of the cross-image pixel contrast loss, every step (0.1)")
+        group.add_argument("--micro_anchors", role=CONTRAST_AT_STEP0, type=int, default=1024,
+                           help="max class-balanced anchors per batch for the pixel contrast (1024)")
+        group.add_argument("--micro_contrast_temperature", role=CONTRAST_AT_STEP0, type=float, default=0.1,
+                           help="temperature of the pixel contrast (0.1)")
+        group.add_argument("--micro_base_temperature", role=CONTRAST_AT_STEP0, type=float, default=0.07,
+                           help="base temperature: the contrast loss is scaled by temperature/base (0.07)")
+        group.add_argument("--micro_pool", role=CONTRAST_AT_STEP0, type=int, default=2,
                            help="average-pooling factor applied to pre_logits before the MiCro losses (2); the "
                                 "CFRD cost grows as (batch·pixels/pool²)², so pool 1 costs ~16x pool 2")
-        group.add_argument("--micro_normalize", choices=["after_pool", "before_pool"], default="after_pool",
+        group.add_argument("--micro_normalize", role=CONTRAST_AT_STEP0, choices=["after_pool", "before_pool"],
+                           default="after_pool",
                            help="L2-normalise the features after pooling (unit vectors, default) or per pixel before")
         group.add_argument("--micro_cfrd", type=float, default=1.0,
                            help="weight of the cross-image feature relationship distillation, t > 0 (1.0)")
         group.add_argument("--micro_tau", type=float, default=0.1,
                            help="temperature of the CFRD and region relation softmaxes (0.1)")
-        group.add_argument("--micro_contrast", type=float, default=0.1,
-                           help="weight of the cross-image pixel contrast loss, every step (0.1)")
-        group.add_argument("--micro_anchors", type=int, default=1024,
-                           help="max class-balanced anchors per batch for the pixel contrast (1024)")
-        group.add_argument("--micro_contrast_temperature", type=float, default=0.1,
-                           help="temperature of the pixel contrast (0.1)")
-        group.add_argument("--micro_base_temperature", type=float, default=0.07,
-                           help="base temperature: the contrast loss is scaled by temperature/base (0.07)")
         group.add_argument("--micro_pseudo_threshold", type=float, default=0.7,
                            help="old-model confidence for pseudo-labelling background anchors with old classes (0.7)")
         group.add_argument("--micro_region", type=float, default=0.1,
                            help="weight of the cross-image region relation distillation, t > 0 (0.1)")
 
     @classmethod
-    def step0_terms(cls, opts) -> dict:
-        terms = super().step0_terms(opts)
-        if opts.micro_contrast > 0:  # the pixel contrast acts from step 0
-            terms["micro_contrast"] = [opts.micro_contrast, opts.micro_anchors, opts.micro_contrast_temperature,
-                                       opts.micro_base_temperature, opts.micro_pool, opts.micro_normalize]
-        return terms
+    def step0_terms(cls, options) -> dict:
+        return super().step0_terms(options)  # the pixel contrast (CONTRAST_AT_STEP0 options) is the base's term
 
     @classmethod
-    def validate(cls, opts, step: int | None = None) -> None:
-        super().validate(opts, step)
+    def validate(cls, options, step: int | None = None) -> None:
+        super().validate(options, step)
         for flag in ("micro_pool", "micro_anchors"):
-            if getattr(opts, flag) < 1:
-                raise UserError(f"--{flag} must be >= 1 (got {getattr(opts, flag)})")
+            if getattr(options, flag) < 1:
+                raise UserError(f"--{flag} must be >= 1 (got {getattr(options, flag)})")
         for flag in ("micro_tau", "micro_contrast_temperature", "micro_base_temperature"):
-            if getattr(opts, flag) <= 0:
-                raise UserError(f"--{flag} must be positive (got {getattr(opts, flag)})")
+            if getattr(options, flag) <= 0:
+                raise UserError(f"--{flag} must be positive (got {getattr(options, flag)})")
 
-    def __init__(self, opts, step: int, classes: list[int]):
-        super().__init__(opts, step, classes)
+    def __init__(self, options, step: int, classes: list[int]):
+        super().__init__(options, step, classes)
         # Own stream (offset 500 from the symmetry generator's seed) so anchors are reproducible.
-        self._anchor_rng = torch.Generator().manual_seed(int(opts.random_seed) + 1000 * step + 500)
+        self._anchor_rng = torch.Generator().manual_seed(int(options.random_seed) + 1000 * step + 500)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         # The similarity matmuls would run in fp16/bf16 under autocast; cosines / 0.1 need fp32.
@@ -232,26 +233,26 @@ class MiCro(MiB):
             return self._micro_losses(ctx)
 
     def _micro_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        opts = self.opts
-        feat = prepare_features(ctx.features["pre_logits"], opts.micro_pool, opts.micro_normalize)
+        options = self.options
+        feat = prepare_features(ctx.features["pre_logits"], options.micro_pool, options.micro_normalize)
         grid = feat.shape[-2:]
         labels = downsample_labels(ctx.labels, grid)
         distill = ctx.old_features is not None and ctx.old_logits is not None
         if distill:
-            old_feat = prepare_features(ctx.old_features["pre_logits"], opts.micro_pool, opts.micro_normalize)
+            old_feat = prepare_features(ctx.old_features["pre_logits"], options.micro_pool, options.micro_normalize)
             old_logits = F.adaptive_avg_pool2d(at_least_fp32(ctx.old_logits), grid)
-            labels = reconstruct_labels(labels, old_logits, opts.micro_pseudo_threshold)
+            labels = reconstruct_labels(labels, old_logits, options.micro_pseudo_threshold)
 
         terms = {}
-        if opts.micro_contrast > 0:
-            terms["contrast"] = opts.micro_contrast * pixel_contrast_loss(
-                feat, labels, opts.micro_anchors, self._anchor_rng,
-                opts.micro_contrast_temperature, opts.micro_base_temperature,
+        if options.micro_contrast > 0:
+            terms["contrast"] = options.micro_contrast * pixel_contrast_loss(
+                feat, labels, options.micro_anchors, self._anchor_rng,
+                options.micro_contrast_temperature, options.micro_base_temperature,
             )
-        if distill and opts.micro_cfrd > 0:
-            terms["cfrd"] = opts.micro_cfrd * cfrd_loss(feat, old_feat, opts.micro_tau)
-        if distill and opts.micro_region > 0:
-            terms["region"] = opts.micro_region * region_relation_loss(
-                feat, old_feat, old_logits, ctx.old_classes, opts.micro_tau
+        if distill and options.micro_cfrd > 0:
+            terms["cfrd"] = options.micro_cfrd * cfrd_loss(feat, old_feat, options.micro_tau)
+        if distill and options.micro_region > 0:
+            terms["region"] = options.micro_region * region_relation_loss(
+                feat, old_feat, old_logits, ctx.old_classes, options.micro_tau
             )
         return terms

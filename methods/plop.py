@@ -172,8 +172,8 @@ class PLOP(Method):
     own_terms_read_old_model = True
 
     @classmethod
-    def step0_terms(cls, opts) -> dict:
-        return super().step0_terms(opts)  # nothing of PLOP acts at step 0: FT's step 0 (and campaign sharing)
+    def step0_terms(cls, options) -> dict:
+        return super().step0_terms(options)  # nothing of PLOP acts at step 0: FT's step 0 (and campaign sharing)
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -193,17 +193,18 @@ class PLOP(Method):
                            help="plain CE on the pseudo-labels, without PLOP's per-image adaptive factor")
 
     @classmethod
-    def validate(cls, opts, step=None) -> None:
-        super().validate(opts, step)
-        if opts.pod_factor < 0 or opts.pod_logits_factor < 0:
+    def validate(cls, options, step=None) -> None:
+        super().validate(options, step)
+        if options.pod_factor < 0 or options.pod_logits_factor < 0:
             raise UserError("--pod_factor and --pod_logits_factor must be >= 0")
-        if not 0 <= opts.pseudo_threshold < 1:
-            raise UserError(f"--pseudo_threshold must be in [0, 1) (a normalised entropy), got {opts.pseudo_threshold}")
-        if opts.unce or opts.bce or opts.icarl:
+        if not 0 <= options.pseudo_threshold < 1:
+            raise UserError(f"--pseudo_threshold must be in [0, 1) (a normalised entropy), "
+                            f"got {options.pseudo_threshold}")
+        if options.unce or options.bce or options.icarl:
             raise UserError("PLOP trains with cross-entropy on its pseudo-labels; drop --unce/--bce/--icarl")
 
-    def __init__(self, opts, step, classes):
-        super().__init__(opts, step, classes)
+    def __init__(self, options, step, classes):
+        super().__init__(options, step, classes)
         self.total_classes = sum(self.classes)
         self.thresholds = None  # τ per class (t > 0, from `setup`)
         self.histogram = None  # the pre-pass's entropy histogram, summed over ranks
@@ -224,8 +225,8 @@ class PLOP(Method):
         # the original kept one histogram per rank; summed here, every rank uses the same thresholds
         hist = all_reduce_sum(hist)
         self.histogram = hist.cpu()
-        self.thresholds = entropy_thresholds(self.histogram, self.opts.pseudo_threshold,
-                                             authors=self.opts.plop_median == "authors").to(device)
+        self.thresholds = entropy_thresholds(self.histogram, self.options.pseudo_threshold,
+                                             authors=self.options.plop_median == "authors").to(device)
         ctx.model.return_pre_activations()  # Local POD reads the stages before their last activation
         ctx.old_model.return_pre_activations()
 
@@ -236,7 +237,7 @@ class PLOP(Method):
         return labels
 
     def segmentation_loss(self, logits, labels):
-        if self.step == 0 or self.adaptive_factor is None or self.opts.plop_no_adaptive_factor:
+        if self.step == 0 or self.adaptive_factor is None or self.options.plop_no_adaptive_factor:
             return super().segmentation_loss(logits, labels)
         factor = self.adaptive_factor
         if logits.shape[0] != factor.shape[0]:  # [x; T(x)] under --cd_factor: the same images twice
@@ -246,9 +247,9 @@ class PLOP(Method):
     def extra_losses(self, ctx: StepContext):
         if ctx.old_features is None:
             return {}
-        use_logits = self.opts.pod_logits_factor > 0
-        return {"pod": pod_loss(ctx.features, ctx.old_features, self.classes, self.opts.pod_factor,
-                                self.opts.pod_logits_factor, use_logits=use_logits)}
+        use_logits = self.options.pod_logits_factor > 0
+        return {"pod": pod_loss(ctx.features, ctx.old_features, self.classes, self.options.pod_factor,
+                                self.options.pod_logits_factor, use_logits=use_logits)}
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -67,12 +67,13 @@ def check_hyperparameters(importance=None, alpha=None, iterations=None) -> None:
                         iterations="the regulariser's iterations", value=iterations)
 
 
-def check_options(opts) -> None:
+def check_options(options) -> None:
     """The regulariser's options when --regularizer is given (Method.validate); options the namespace
     lacks are left to the regulariser's defaults."""
-    if getattr(opts, "regularizer", None):
+    if getattr(options, "regularizer", None):
         try:
-            check_hyperparameters(*(getattr(opts, f"reg_{key}", None) for key in ("importance", "alpha", "iterations")))
+            check_hyperparameters(*(getattr(options, f"reg_{key}", None)
+                                    for key in ("importance", "alpha", "iterations")))
         except UserError as err:
             raise err.reworded(importance="--reg_importance", alpha="--reg_alpha",
                                iterations="--reg_iterations") from None

@@ -1,5 +1,7 @@
 """Segmentation modules: the DeepLabV3 head and the incremental segmentation model (body, head, classifiers)."""
+import dataclasses
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -13,27 +15,45 @@ from .segmentation import IncrementalSegmentationModule, ModelOutput, classifier
 HEAD_CHANNELS = 256
 
 
-def make_model(opts, classes):
-    """Build the segmentation model of `opts` for per-step class counts `classes`.
+@dataclass(frozen=True)
+class ModelOptions:
+    """The segmentation model of a run; field names are run.py's options.
 
-    Reads opts.backbone, norm_act, output_stride, no_pretrained, pretrained (path or None),
-    pooling_size and in_channels (optional; input bands, default 3; run.py takes it from meta.json).
+    pretrained: ImageNet weights file (None: pretrained/<backbone>_<norm_act>.pth.tar); no_pretrained:
+    random initial weights instead. pooling_size: eval-time ASPP image-pooling window (None: global).
+    in_channels: input bands (run.py takes them from the data's meta.json)."""
+
+    backbone: str = "resnet101"
+    output_stride: int = 16
+    norm_act: str = "iabn_sync"
+    no_pretrained: bool = False
+    pretrained: str | None = None
+    pooling_size: int | None = 32
+    in_channels: int = 3
+
+    @classmethod
+    def from_recorded(cls, options: dict, **changes) -> "ModelOptions":
+        """The model options a checkpoint recorded with its options (those it lacks keep their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in options.items() if k in names}, **changes})
+
+
+def make_model(model: ModelOptions, classes):
+    """The segmentation model of `model` (ModelOptions) for per-step class counts `classes`.
+
     Body, head and classifiers share one norm_act builder. ImageNet weights that cannot be used are a
     UserError worded in the options (--backbone, --norm_act, --no_pretrained).
     """
-    norm_act = norm_act_factory(opts.norm_act)
-    if getattr(opts, "no_pretrained", False):
-        pretrained = False
-    else:
-        pretrained = getattr(opts, "pretrained", None)
+    norm_act = norm_act_factory(model.norm_act)
+    pretrained = False if model.no_pretrained else model.pretrained
     try:
-        body = build_backbone(opts.backbone, norm_act=norm_act, output_stride=opts.output_stride,
-                              pretrained=pretrained, in_channels=getattr(opts, "in_channels", None) or 3)
+        body = build_backbone(model.backbone, norm_act=norm_act, output_stride=model.output_stride,
+                              pretrained=pretrained, in_channels=model.in_channels)
     except WeightsError as err:
-        raise err.reworded(backbone=f"--backbone {opts.backbone}", norm_act=f"--norm_act {opts.norm_act}",
+        raise err.reworded(backbone=f"--backbone {model.backbone}", norm_act=f"--norm_act {model.norm_act}",
                            hint=" or pass --no_pretrained") from None
     head = DeeplabV3(body.out_channels, HEAD_CHANNELS, HEAD_CHANNELS, norm_act=norm_act,
-                     output_stride=opts.output_stride, pooling_size=getattr(opts, "pooling_size", None))
+                     output_stride=model.output_stride, pooling_size=model.pooling_size)
     return IncrementalSegmentationModule(body, head, HEAD_CHANNELS, classes)
 
 
@@ -62,4 +82,4 @@ def check_checkpoint_bands(path, bands, data_description):
 
 __all__ = ["ASPP_RATES", "check_checkpoint_bands", "checkpoint_input_bands",
            "DeeplabV3", "HEAD_CHANNELS", "IncrementalSegmentationModule", "ModelOutput", "classifier_prefix",
-           "make_model"]
+           "make_model", "ModelOptions"]

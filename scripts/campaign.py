@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import tasks
-from argparser import parse_args
+from argparser import method_options, options_of_kind, parse_args, per_run_flags
 from dataset.layout import DATASETS, dataset_dir, meta_file
 from methods import METHODS, get_method_class
 from utils import slurm
@@ -42,14 +42,12 @@ from utils.run_id import DEFAULT_SEED, RunId, effective_name, split_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Options the campaign sets per run: not allowed among the extra run.py options.
-CAMPAIGN_OPTIONS = ("--data_root", "--dataset", "--task", "--task_file", "--step", "--method", "--random_seed",
-                    "--step_ckpt", "--test", "--ckpt", "--local_rank", "--local-rank")
-# Options that do not change what a step trains and tests (paths, logging, launch, resumption):
+# Options the campaign sets per run (Role.per_run): not allowed among the extra run.py options.
+CAMPAIGN_OPTIONS = per_run_flags()
+# Options that do not change what a step trains and tests (paths, logging, launch, resumption; Role kind
+# "bookkeeping"), and the checkpoint a step starts from ("source": the campaign follows dependencies):
 # a finished step whose other options match is done whatever these were.
-BOOKKEEPING_OPTIONS = {"command_line", "local_rank", "num_workers", "logdir", "print_interval", "sample_num",
-                       "checkpoint_dir", "results_dir", "data_root", "step_ckpt", "ckpt", "test", "val_interval",
-                       "no_resume", "resume", "device"}
+DONE_CHECK_IGNORES = options_of_kind("bookkeeping", "source")
 
 
 @dataclass
@@ -300,7 +298,7 @@ class Campaign:
         groups: dict[str, list[str]] = {}
         for method in self.methods:
             args = self._args(dataset, split, task, DEFAULT_SEED, method, method, 0)
-            signature = get_method_class(method).step0_signature(parse_args(args))
+            signature = get_method_class(method).step0_signature(method_options(parse_args(args)))
             groups.setdefault(signature if not self.opts.no_share else method, []).append(method)
         return list(groups.values())
 
@@ -309,7 +307,7 @@ class Campaign:
         signature, so the shared run is the same whichever of the group's methods a campaign lists."""
         def signature(method):
             args = self._args(dataset, split, task, DEFAULT_SEED, method, method, 0)
-            return get_method_class(method).step0_signature(parse_args(args))
+            return get_method_class(method).step0_signature(method_options(parse_args(args)))
 
         wanted = signature(group[0])
         trainer = next((m for m in METHODS if signature(m) == wanted), group[0])
@@ -363,7 +361,7 @@ class Campaign:
         if run.step not in rows:
             return False, "no results row"
         differ = sorted(k for k in run.opts.keys() & recorded.keys()
-                        if k not in BOOKKEEPING_OPTIONS and run.opts[k] != recorded[k])
+                        if k not in DONE_CHECK_IGNORES and run.opts[k] != recorded[k])
         if differ:
             return False, "options differ: " + ", ".join(f"{k} {recorded[k]!r} -> {run.opts[k]!r}" for k in differ[:4])
         return True, ""

@@ -28,7 +28,7 @@ import tasks
 from dataset.colormap import colorize
 from dataset.incremental import label_lut
 from dataset.layout import load_meta
-from modules import make_model
+from modules import ModelOptions, make_model
 from process_data.archives import RawSource
 from process_data.tile_processing import as_layout
 from process_data.tiling import crop_positions
@@ -49,7 +49,6 @@ class StepModel:
         if not isinstance(saved, dict) or "model" not in checkpoint or "classes" not in checkpoint:
             raise UserError(f"{ckpt_path} is not a step checkpoint of run.py (no model/classes/opts entries)")
         opts = argparse.Namespace(**saved)
-        opts.no_pretrained = True  # the weights come from the checkpoint
         self.dataset, self.task = opts.dataset, opts.task
         self.step = int(checkpoint.get("step", len(checkpoint["classes"]) - 1))
         self.classes = list(checkpoint["classes"])
@@ -57,7 +56,8 @@ class StepModel:
         self.meta = load_meta(data_root or opts.data_root, self.dataset)  # mean / std / channels of training
         tasks.prepare(self.dataset, data_root or opts.data_root, getattr(opts, "task_file", None))
         self.window = int(getattr(opts, "crop_size", None) or self.meta["crop_size"])
-        self.model = make_model(opts, self.classes).to(device)
+        # the weights come from the checkpoint
+        self.model = make_model(ModelOptions.from_recorded(saved, no_pretrained=True), self.classes).to(device)
         missing, unexpected = self.model.load_state_dict(checkpoint["model"], strict=False)
         if missing or unexpected:
             raise UserError(f"{ckpt_path} does not match the model its own options describe: missing "

@@ -2,17 +2,16 @@
 fuses and allocates, step-0 sharing in a campaign, option errors, resume inside a step and two processes."""
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import methods.base
 import run
-from argparser import parse_args
+from argparser import method_options, parse_args
 from methods import METHODS, get_method_class
 from methods.ewf import ewf_alpha, fuse_endpoints
-from modules import make_model
+from modules import ModelOptions, make_model
 from tests.test_run import assert_user_error, run_cli
 
 TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "32", "--batch_size", "4", "--epochs", "1",
@@ -35,7 +34,7 @@ def test_ewf_alpha_and_fusion_follow_the_formula():
     assert ewf_alpha([4, 1]) == pytest.approx(math.sqrt(1 / 5))
     assert ewf_alpha([3, 2, 2]) == pytest.approx(math.sqrt(2 / 7))
     assert ewf_alpha([3, 2, 2], 0.3) == 0.3
-    opts = SimpleNamespace(backbone="resnet18", norm_act="iabn", output_stride=16, no_pretrained=True, pretrained=None)
+    opts = ModelOptions(backbone="resnet18", norm_act="iabn", output_stride=16, no_pretrained=True, pretrained=None)
     torch.manual_seed(0)
     previous = make_model(opts, [3])
     previous.train()(torch.randn(2, 3, 32, 32))  # running statistics away from their initial values
@@ -142,7 +141,7 @@ def test_ewf_on_any_method_and_its_options(data_root, tmp_path, capsys, monkeypa
 
 # ---------------------------------------------------------------------------------------------- campaign
 def signature(method, *extra):
-    return METHODS[method].step0_signature(parse_args(["--method", method, *extra]))
+    return METHODS[method].step0_signature(method_options(parse_args(["--method", method, *extra])))
 
 
 def test_step0_sharing_plop_and_ewf_with_ft_but_not_dft():

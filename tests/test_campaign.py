@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from argparser import parse_args
+from argparser import method_options, parse_args
 from methods import METHODS, Method
 from methods.mib_family import MiB
 from utils.run_id import effective_name
@@ -23,7 +23,7 @@ TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "32", "--bat
 
 
 def signature(method, *extra):
-    return METHODS[method].step0_signature(parse_args(["--method", method, *extra]))
+    return METHODS[method].step0_signature(method_options(parse_args(["--method", method, *extra])))
 
 
 def test_step0_signatures_share_plain_cross_entropy_methods():
@@ -53,7 +53,7 @@ def test_a_method_with_own_hooks_but_no_step0_terms_never_shares():
         def step0_terms(cls, opts):
             return Method.step0_terms(opts)
 
-    opts = parse_args(["--method", "MiB"])
+    opts = method_options(parse_args(["--method", "MiB"]))
     assert Custom.step0_signature(opts) != MiB.step0_signature(opts)
     assert Declared.step0_signature(opts) == MiB.step0_signature(opts)
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import run
-from argparser import parse_args
+from argparser import data_options, model_options, parse_args
 from benchmarks.legacy_pipeline import legacy_eval_transform, legacy_train_transform, read_png
 from dataset.isprs import ISPRSCrops
 from dataset.layout import load_meta
+from dataset.options import DataOptions
 from dataset.step_datasets import get_datasets
 from dataset.transforms import BatchNormalize, RandomScaleCrop, train_transform
 from methods import SetupContext, get_method_class
@@ -30,7 +31,7 @@ def opts(data_root, **overrides):
     base = dict(data_root=str(data_root), dataset="vaihingen", task="4-1", step=0, overlap=False,
                 crop_size=48, cross_val=False, random_seed=42)
     base.update(overrides)
-    return SimpleNamespace(**base)
+    return DataOptions(**base)
 
 
 # ----------------------------------------------------------------------------- store vs PNG
@@ -203,7 +204,7 @@ def test_default_num_workers_and_loader_settings(data_root, monkeypatch):
 
     o = parse_args(["--data_root", str(data_root), "--crop_size", "32", "--batch_size", "2"])
     assert o.num_workers is None
-    train, val, test = get_datasets(o)
+    train, val, test = get_datasets(data_options(o))
     train_loader, _, _ = run.make_loaders(o, one, train, val, test)
     assert train_loader.num_workers == 2 and train_loader.prefetch_factor == 4
     assert train_loader.persistent_workers and not train_loader.pin_memory  # pinned on CUDA only
@@ -211,7 +212,7 @@ def test_default_num_workers_and_loader_settings(data_root, monkeypatch):
     def draw(seed):  # two loaders with the same seed give the same augmented batches (2 workers)
         o2 = parse_args(["--data_root", str(data_root), "--crop_size", "32", "--batch_size", "2",
                          "--random_seed", str(seed)])
-        loader, _, _ = run.make_loaders(o2, one, *get_datasets(o2))
+        loader, _, _ = run.make_loaders(o2, one, *get_datasets(data_options(o2)))
         return [b[0] for _, b in zip(range(3), loader)]
     first, again, other = draw(1), draw(1), draw(2)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -229,7 +230,7 @@ def test_training_batches_follow_the_seed_and_epoch_not_the_workers(data_root):
     def epochs(workers, n=2):
         o = parse_args(["--data_root", str(data_root), "--crop_size", "32", "--batch_size", "2",
                         "--num_workers", str(workers)])
-        loader, _, _ = run.make_loaders(o, one, *get_datasets(o))
+        loader, _, _ = run.make_loaders(o, one, *get_datasets(data_options(o)))
         torch.manual_seed(123)
         before = torch.get_rng_state()
         batches = [[(images.clone(), labels.clone()) for images, labels in loader] for _ in range(n)]
@@ -255,8 +256,8 @@ def _trainer(data_root, tmp_path, method, extra=(), step=1):
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False, backend=None)
     classes = [5, 1][: step + 1]
     memory_format = torch.channels_last if o.channels_last else torch.contiguous_format
-    model = make_model(o, classes).to(memory_format=memory_format)
-    old_model = (make_model(o, classes[:-1]).to(memory_format=memory_format).eval().requires_grad_(False)
+    model = make_model(model_options(o), classes).to(memory_format=memory_format)
+    old_model = (make_model(model_options(o), classes[:-1]).to(memory_format=memory_format).eval().requires_grad_(False)
                  if step > 0 else None)
     method_obj = get_method_class(o.method)(o, o.step, classes)
     method_obj.setup(SetupContext(model=model))

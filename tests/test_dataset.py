@@ -2,7 +2,6 @@
 import json
 import pickle
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import tasks
 from dataset.incremental import label_lut
 from dataset.isprs import ISPRSCrops
 from dataset.layout import load_meta
+from dataset.options import DataOptions
 from dataset.step_datasets import get_datasets, split_file
 from dataset.transforms import (
     BatchNormalize,
@@ -35,7 +35,7 @@ def opts(data_root, **overrides):
     base = dict(data_root=str(data_root), dataset="vaihingen", task="4-1", step=0, overlap=False,
                 crop_size=48, cross_val=False, random_seed=42)
     base.update(overrides)
-    return SimpleNamespace(**base)
+    return DataOptions(**base)
 
 
 def reference_remap(value, new, old, mode):

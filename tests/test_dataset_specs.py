@@ -3,7 +3,6 @@ its spec alone is byte-identical to its processor with the archive quirks; label
 per-pixel computation; LoveDA and OpenEarthMap from their archive layouts; a dataset of your own from a spec
 and a task file through processing, --list_tasks, MiB steps 0-1, the campaign plan and the tables; bad specs
 and task files end in one clear line."""
-import argparse
 import copy as copying
 import csv
 import hashlib
@@ -21,6 +20,7 @@ from PIL import Image
 import run
 import tasks
 from dataset.colormap import decode_colors
+from dataset.options import DataOptions
 from dataset.step_datasets import get_datasets
 from process_data import data_process_loveda, data_process_potsdam, data_process_vaihingen, process_dataset
 from process_data.make_synthetic_isprs import generate
@@ -331,8 +331,8 @@ def test_loveda_mib_steps_0_and_1_of_a_task_from_a_file(data_root, tmp_path):
     three = [names[:3], names[3:5], names[5:]]
     task_file.write_text(json.dumps({"tasks": {"3-4": {"family": "micro", "steps": three}}}))
     tasks.load_task_file(task_file, "loveda")
-    opts = argparse.Namespace(data_root=str(copy), dataset="loveda", task="3-4", step=2, crop_size=64,
-                              task_file=str(task_file))
+    opts = DataOptions(data_root=str(copy), dataset="loveda", task="3-4", step=2, crop_size=64,
+                       task_file=str(task_file))
     train, _, _ = get_datasets(opts)
     meta = json.loads((copy / "loveda" / "meta.json").read_text())
     presence = np.asarray(meta["train"]["class_pixels"])[:, :-1] >= meta["split"]["min_pixels"]

@@ -10,6 +10,7 @@ import torch
 import tasks
 from argparser import parse_args
 from dataset.incremental import label_lut
+from dataset.options import DataOptions
 from dataset.step_datasets import get_datasets
 from methods import LWFMC, MiB, SetupContext, losses
 from methods.mib_family import EWC as EWCMethod
@@ -124,8 +125,8 @@ def test_no_mask_keeps_old_classes_in_train_and_val_labels(task, step, mode, mas
 
 
 def test_get_datasets_reads_no_mask(data_root):
-    opts = SimpleNamespace(data_root=str(data_root), dataset="vaihingen", task="2-1s", step=2, overlap=False,
-                           crop_size=64, cross_val=False, random_seed=42, no_mask=True)
+    opts = DataOptions(data_root=str(data_root), dataset="vaihingen", task="2-1s", step=2, overlap=False,
+                      crop_size=64, cross_val=False, random_seed=42, no_mask=True)
     train, val, test = get_datasets(opts)
     assert np.array_equal(train.lut, label_lut("vaihingen", "2-1s", 2, "train", masking=False))
     assert np.array_equal(val.lut, label_lut("vaihingen", "2-1s", 2, "val", masking=False))

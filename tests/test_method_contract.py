@@ -96,11 +96,10 @@ def test_method_with_prepass_stage_feature_and_shared_state(data_root, tmp_path,
 
 
 def test_model_output_names_every_stage():
-    from types import SimpleNamespace
 
-    from modules import ModelOutput, make_model
+    from modules import ModelOptions, ModelOutput, make_model
 
-    model = make_model(SimpleNamespace(backbone="resnet18", norm_act="std", output_stride=16, no_pretrained=True,
+    model = make_model(ModelOptions(backbone="resnet18", norm_act="std", output_stride=16, no_pretrained=True,
                                        pretrained=None), [3, 1])
     out = model(torch.randn(2, 3, 64, 64))
     assert isinstance(out, ModelOutput)

@@ -4,7 +4,6 @@ import csv
 import json
 import math
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,10 +15,11 @@ from argparser import parse_args
 from dataset.colormap import CLASS_NAMES
 from dataset.incremental import label_lut
 from dataset.layout import load_meta
+from dataset.options import DataOptions
 from dataset.step_datasets import get_datasets, split_file
 from methods import get_method_class
 from models import build_backbone, inflate_first_conv
-from modules import make_model
+from modules import ModelOptions, make_model
 from process_data.isprs_processing import POTSDAM
 from process_data.splits import class_balanced_split, class_presence, no_overlap_split, overlapped_split
 from process_data.tile_processing import process_dataset
@@ -169,16 +169,16 @@ def test_split_files_of_the_mibcd_family(data_root):
 
 def test_get_datasets_mibcd_protocol(data_root):
     base = dict(data_root=str(data_root), dataset="potsdam", task="6s", step=1, crop_size=32, random_seed=0)
-    train, val, test = get_datasets(SimpleNamespace(**base))
+    train, val, test = get_datasets(DataOptions(**base))
     assert np.array_equal(train.indices, np.load(split_file(data_root, "potsdam", "6s", 1, "split")))
     meta = load_meta(data_root, "potsdam")
     tree = np.flatnonzero(np.asarray(meta["test"]["class_pixels"])[:, 4] >= meta["split"]["min_pixels"])
     assert np.array_equal(test.indices, tree)  # MiB-CD: test crops holding a class of the step
     assert np.array_equal(test.lut, label_lut("potsdam", "6s", 1, "test", "background"))
-    _, _, every = get_datasets(SimpleNamespace(**base, test_crops="all", test_unseen="ignore"))
+    _, _, every = get_datasets(DataOptions(**base, test_crops="all", test_unseen="ignore"))
     assert len(every) == len(meta["test"]["crops"])
     assert np.array_equal(every.lut, label_lut("potsdam", "6s", 1, "test", "ignore"))
-    held, held_val, _ = get_datasets(SimpleNamespace(**base, val_fraction=0.25, filter_mode="overlap"))
+    held, held_val, _ = get_datasets(DataOptions(**base, val_fraction=0.25, filter_mode="overlap"))
     ov = np.load(split_file(data_root, "potsdam", "6s", 1, "overlap"))
     assert len(held_val) == round(0.25 * len(ov)) and held_val.base.split == "train"
     assert np.array_equal(np.sort(np.concatenate([held.indices, held_val.indices])), ov)
@@ -202,7 +202,7 @@ def test_four_band_model_forward_and_weight_inflation(tmp_path):
     doubled[:, 0] *= 2
     with torch.no_grad():
         assert torch.allclose(body(torch.cat([x, x[:, :1]], 1)), source(doubled), rtol=1e-4, atol=1e-5)
-    model = make_model(SimpleNamespace(backbone="resnet18", norm_act="std", output_stride=16, no_pretrained=True,
+    model = make_model(ModelOptions(backbone="resnet18", norm_act="std", output_stride=16, no_pretrained=True,
                                        pretrained=None, in_channels=4), [2, 1])
     logits, feats = model(torch.randn(2, 4, 48, 48))
     assert logits.shape == (2, 3, 48, 48) and model.body.in_channels == 4

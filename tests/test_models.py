@@ -3,7 +3,6 @@ import importlib.util
 import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import models
 import models.weights as weights
 from models import HAS_INPLACE_ABN, NORM_ACT_NAMES, build_backbone, norm_act_factory
 from models.norm_act import PureInPlaceABN
-from modules import DeeplabV3, IncrementalSegmentationModule, make_model
+from modules import DeeplabV3, IncrementalSegmentationModule, ModelOptions, make_model
 from utils.errors import UserError
 
 torch.set_num_threads(1)
@@ -26,7 +25,7 @@ needs_iabn = pytest.mark.skipif(not HAS_INPLACE_ABN, reason="inplace_abn is not 
 def opts(**overrides):
     values = dict(backbone="resnet18", norm_act="iabn", output_stride=16, no_pretrained=True, pretrained=None)
     values.update(overrides)
-    return SimpleNamespace(**values)
+    return ModelOptions(**values)
 
 
 def randomise_norm_layers(module, seed=0):

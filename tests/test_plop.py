@@ -2,14 +2,13 @@
 histogram, the authors' median (with its quirks) and the corrected one, pseudo-labels, the adaptive factor,
 logit folding and Local POD; the pre-activation stage features the model gives for it."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from methods import plop
-from modules import make_model
+from modules import ModelOptions, make_model
 
 IGNORE = 255
 
@@ -234,8 +233,8 @@ def test_pod_loss_over_six_maps_with_factors_and_folding():
 
 @pytest.mark.parametrize("norm_act", ["std", "abn", "iabn"])
 def test_pre_activation_features_of_every_stage(norm_act):
-    opts = SimpleNamespace(backbone="resnet18", norm_act=norm_act, output_stride=16, no_pretrained=True,
-                           pretrained=None)
+    opts = ModelOptions(backbone="resnet18", norm_act=norm_act, output_stride=16, no_pretrained=True,
+                        pretrained=None)
     torch.manual_seed(0)
     model = make_model(opts, [3, 2]).eval()
     x = torch.randn(2, 3, 64, 64)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +31,22 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum:
     return cls(params, **kwargs)
 
 
-def make_optimizer(params, opts, device):
-    """The optimiser the options ask for (--optimizer, --lr, --weight_decay, --momentum) on `device`."""
-    return build_optimizer(getattr(opts, "optimizer", "sgd"), params, lr=opts.lr, weight_decay=opts.weight_decay,
-                           momentum=opts.momentum, device=device)
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """The optimiser and its per-iteration schedule; field names are run.py's options."""
+
+    lr: float
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_policy: str = "poly"
+    lr_power: float = 0.9
+    lr_decay_step: int = 5000
+    lr_decay_factor: float = 0.1
+    freeze: bool = False  # the backbone body stays out of the optimiser (MiB's --freeze)
+
+
+def make_optimizer(params, options: OptimizerOptions, device):
+    """The optimiser of `options` on `device`."""
+    return build_optimizer(options.optimizer, params, lr=options.lr, weight_decay=options.weight_decay,
+                           momentum=options.momentum, device=device)
