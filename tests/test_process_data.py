@@ -319,12 +319,11 @@ def test_potsdam_rgbir_gives_4_channel_pngs(raw_root, tmp_path):
     assert np.array_equal(crop[..., 3], nir[y:y + 96, x:x + 96])
     stored = np.load(tmp_path / "potsdam" / "train" / "images.npy")
     assert stored.shape[1:] == (96, 96, 4) and np.array_equal(stored[meta["store"]["train"]["rows"][0]], crop)
-    from types import SimpleNamespace
-
+    from dataset.options import DataOptions
     from dataset.step_datasets import get_datasets
-    train, val, test = get_datasets(SimpleNamespace(data_root=str(tmp_path), dataset="potsdam", task="offline",
-                                                    step=0, overlap=False, crop_size=32, cross_val=False,
-                                                    random_seed=0))
+    train, val, test = get_datasets(DataOptions(data_root=str(tmp_path), dataset="potsdam", task="offline",
+                                                step=0, overlap=False, crop_size=32, cross_val=False,
+                                                random_seed=0))
     assert train[0][0].shape == (32, 32, 4) and test[0][0].shape == (96, 96, 4)  # uint8 H x W x C items
 
 

@@ -1,1 +1,1 @@
-"""Infrastructure (errors, files, checkpoints, run ids, distributed, optimiser, metrics, dataset specs); reporting/."""
+"""Infrastructure (errors, files, checkpoints, run ids, option roles, distributed, optimiser, metrics); reporting/."""
