@@ -1,1 +1,1 @@
-"""Infrastructure (errors, files, checkpoints, run ids, option roles, distributed, optimiser, metrics); reporting/."""
+"""Infrastructure: errors, files, checkpoints, run ids, options, distributed, optimiser, metrics, specs; reporting/."""
