@@ -12,7 +12,7 @@ import re
 import sys
 
 import tasks
-from dataset import DataOptions
+from dataset.options import DataOptions
 from methods import ALIASES, METHODS, get_method_class
 from methods.base import MethodOptions
 from modules import ModelOptions
@@ -328,7 +328,8 @@ def _method_class(name: str):
     try:
         return get_method_class(name)
     except UserError as err:
-        raise UserError(f"{err}{did_you_mean(name, {**ALIASES, **{n: n for n in METHODS}})}") from None
+        raise err.reworded(method=f"--method {name!r}", hint=did_you_mean(name, {**ALIASES, **{n: n for n in METHODS}})
+                           ) from None
 
 
 def _prepare_tasks(opts: argparse.Namespace) -> None:

@@ -20,8 +20,9 @@ import torch
 
 import tasks
 from argparser import data_options, default_lr, parse_args, run_id
-from dataset import get_datasets, load_meta
+from dataset.layout import load_meta
 from dataset.loaders import input_normalizer, make_loaders
+from dataset.step_datasets import get_datasets
 from methods import SetupContext, get_method_class
 from models import norm_act_factory
 from modules import check_checkpoint_bands, check_compatible, load_model_weights, make_model
@@ -30,9 +31,9 @@ from utils.checkpoint import file_sha256, load_checkpoint, prepare_outputs, save
 from utils.distributed import barrier, cleanup, init_distributed, relaunch_command
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError, exit_on_user_error
-from utils.logger import Logger
 from utils.optimizer import make_optimizer
 from utils.preemption import Preemption, parse_signals
+from utils.reporting.logger import Logger
 from utils.reporting.step import StepReport
 from utils.run_id import RunId
 from utils.scheduler import build_scheduler
@@ -40,8 +41,7 @@ from utils.scheduler import build_scheduler
 
 @dataclass
 class Step:
-    """What one step's run holds besides its models: options, processes, identity, classes per step,
-    the data's meta.json, the log, the report and the step checkpoint."""
+    """What one step's run holds besides its models (checkpoint: the step checkpoint it writes or tests)."""
 
     opts: object
     dist: object
@@ -59,7 +59,10 @@ def main(argv=None) -> dict:
     opts = parse_args(argv)
     opts.command_line = argv
     signals = parse_signals(opts.preempt_signals) if not opts.test else []
-    dist = init_distributed(opts.local_rank, opts.device, timeout_s=opts.dist_timeout)
+    try:
+        dist = init_distributed(opts.local_rank, opts.device, timeout_s=opts.dist_timeout)
+    except UserError as err:
+        raise err.reworded(cpu="pass --device cpu") from None
     preemption = Preemption(signals, dist.distributed, dist.control_group).install()
     try:
         return run_step(opts, dist, preemption)
@@ -93,9 +96,8 @@ def run_step(opts, dist, preemption=None) -> dict:
         prepare_outputs(folders if opts.test else {"--checkpoint_dir": ckpt.parent, **folders},
                         [ckpt, last, results, results.with_suffix(".json")])
     logger = Logger(logdir, rank=dist.rank)
-    report = StepReport(opts, dist, logger, tasks.channel_names(opts.dataset, opts.task),
-                        tasks.class_names(opts.dataset),
-                        torch.from_numpy(tasks.channel_to_class(opts.dataset, opts.task)).long(), meta)
+    report = StepReport(opts, dist, logger, meta, tasks.channel_names(opts.dataset, opts.task),
+                        tasks.class_names(opts.dataset), tasks.channel_to_class(opts.dataset, opts.task))
     report.started(rid, classes)
     # after init_distributed: iabn_sync synchronises over the process group when there is one (models.norm_act)
     logger.info(f"normalisation --norm_act {opts.norm_act}: {norm_act_factory(opts.norm_act).implementation}")
@@ -183,8 +185,7 @@ def run_test(step: Step) -> dict:
 
 
 def test_and_report(step: Step, model, test_loader, record: dict | None, rid: RunId) -> dict:
-    """Final test of the (unwrapped) model on every test crop (all seen classes) -> console, TensorBoard,
-    the results row of `rid`."""
+    """The final test of the unwrapped model (train.final_test), reported in the results row of `rid`."""
     opts, input_norm = step.opts, input_normalizer(step.opts, step.meta)
     results, samples = final_test(model, test_loader, step.classes, step.dist.device, opts, input_norm)
     results["protocol"] = data_options(opts).protocol()  # label convention of the test (recorded in the JSON)

@@ -60,7 +60,7 @@ def register_dataset(dataset, classes, background=None):
 def register_processed(data_root, dataset):
     """Make a dataset processed under `data_root` known by its meta.json (built-in datasets already are)."""
     if dataset not in _CLASSES:
-        from utils.data_layout import load_meta  # only for datasets that are not built in
+        from dataset.layout import load_meta  # only for datasets that are not built in
         register_dataset(dataset, load_meta(data_root, dataset)["classes"], ANY_BACKGROUND)
 
 
@@ -254,6 +254,19 @@ def _check_step(dataset, task, step):
 def num_steps(dataset, task):
     """Number of incremental steps of the task (1 for `offline`)."""
     return len(_task(dataset, task))
+
+
+def num_steps_if_known(dataset, task):
+    """num_steps, or None for a task not known here (results tables then end at the files' last step)."""
+    try:
+        return num_steps(dataset, task)
+    except UserError:
+        return None
+
+
+def table_task_order():
+    """The order of the task columns of results tables: the shipped ISPRS tasks' order."""
+    return list(TASKS["vaihingen"])
 
 
 def get_task_dict(dataset, task, step):

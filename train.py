@@ -31,7 +31,7 @@ from utils.distributed import all_gather_object, all_reduce_sum, barrier, broadc
 from utils.errors import UserError
 from utils.metrics import SegmentationMetrics
 from utils.preemption import PREEMPTED_EXIT_CODE, Preempted, requeue_slurm_job
-from utils.results import POOLING_KEYS
+from utils.reporting.results import POOLING_KEYS
 
 # --opt_level -> (autocast dtype or None, use a GradScaler)
 AMP_LEVELS = {"O0": (None, False), "O1": (torch.float16, True), "O2": (torch.bfloat16, False)}
@@ -427,7 +427,7 @@ class ResumeCheckpoint:
 
     def __init__(self, path, manifest: dict):
         self.path = Path(path)
-        self.manifest = manifest  # this run's environment (utils.results.environment_manifest)
+        self.manifest = manifest  # this run's environment (utils.reporting.results.environment_manifest)
 
     def check_room(self, model, method) -> None:
         """Before training (rank 0): room for this checkpoint (model, momentum, method state) and its temp

@@ -21,8 +21,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from process_data.isprs_processing import VAIHINGEN, process_dataset
+from process_data.isprs_processing import VAIHINGEN
 from process_data.make_synthetic_isprs import generate
+from process_data.tile_processing import process_dataset
 from utils.distributed import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -229,8 +229,9 @@ def checks(ctx):
 
 
 def make_data(ctx):
-    from process_data.isprs_processing import VAIHINGEN, process_dataset
+    from process_data.isprs_processing import VAIHINGEN
     from process_data.make_synthetic_isprs import generate
+    from process_data.tile_processing import process_dataset
     raw = ctx.work / "raw"
     s = ctx.sizes
     generate("vaihingen", raw, seed=0, tile_size=s["tile"], n_train=s["n_train"], n_test=2, object_scale=1.0)

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from process_data.isprs_processing import VAIHINGEN, process_dataset
+from dataset.layout import dataset_dir, meta_file, png_dir
+from process_data.isprs_processing import VAIHINGEN
 from process_data.make_synthetic_isprs import generate
-from utils.data_layout import dataset_dir, meta_file, png_dir
+from process_data.tile_processing import process_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

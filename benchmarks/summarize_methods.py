@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.epoch_times import epoch_seconds
-from utils.results import read_results
+from utils.reporting.results import read_results
 
 
 def training_seconds(log_txt: Path) -> float | None:

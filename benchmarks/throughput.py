@@ -34,14 +34,16 @@ from torch.utils.data import DataLoader
 
 from argparser import parse_args
 from benchmarks.legacy_pipeline import legacy_train_transform, read_png
-from dataset import BatchNormalize, IncrementalDataset, label_lut, load_meta
+from dataset.incremental import IncrementalDataset, label_lut
 from dataset.isprs import ISPRSCrops
+from dataset.layout import load_meta
 from dataset.loaders import default_num_workers
-from dataset.transforms import train_transform
+from dataset.transforms import BatchNormalize, train_transform
 from methods import SetupContext, get_method_class
 from modules import make_model
-from process_data.isprs_processing import POTSDAM, process_dataset
+from process_data.isprs_processing import POTSDAM
 from process_data.make_synthetic_isprs import generate
+from process_data.tile_processing import process_dataset
 from train import Trainer, compile_model
 from utils.distributed import DistInfo, available_cpus
 from utils.optimizer import make_optimizer

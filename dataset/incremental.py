@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 import tasks
-from utils.colormap import IGNORE_INDEX
+from dataset.colormap import IGNORE_INDEX
 
 MODES = ("train", "val", "test")
 UNSEEN_CONVENTIONS = ("background", "ignore")

@@ -1,4 +1,4 @@
-"""Processed crops (layout and meta.json: utils/data_layout.py): the crop store (`<split>/images.npy`,
+"""Processed crops (layout and meta.json: dataset/layout.py): the crop store (`<split>/images.npy`,
 `labels.npy`, memory-mapped), or the PNG crops `<split>/{images,labels}/*.png` of folders processed before
 the store existed."""
 import sys
@@ -7,8 +7,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.crop_store import KINDS, STORE_VERSION, open_store_array, store_file
-from utils.data_layout import (
+from dataset.crop_store import KINDS, STORE_VERSION, open_store_array, store_file
+from dataset.layout import (
     SPLITS,
     convert_command,
     dataset_dir,

@@ -24,5 +24,6 @@ def get_method_class(name: str) -> type[Method]:
     lookup.update({alias.upper(): target for alias, target in ALIASES.items()})
     key = lookup.get(str(name).upper())
     if key is None:
-        raise UserError(f"unknown --method {name!r}; choose one of {', '.join(METHODS)}")
+        # the command line names its option in place of {method} (argparser, scripts/campaign.py)
+        raise UserError("unknown {method}; known: {known}", method=f"method {name!r}", known=", ".join(METHODS))
     return METHODS[key]

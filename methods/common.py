@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.colormap import IGNORE_INDEX
+from dataset.colormap import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "at_least_fp32", "reconstruct_labels"]
 

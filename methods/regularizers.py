@@ -53,22 +53,30 @@ def normalize(tensor: torch.Tensor) -> torch.Tensor:
 
 def check_hyperparameters(importance=None, alpha=None, iterations=None) -> None:
     """A UserError for a weight λ below 0, a running Fisher factor α outside [0, 1] or an RW interval K
-    below 1 (None: not checked). The messages name the options that set them, --reg_importance,
-    --reg_alpha and --reg_iterations: `check_options` runs it on the options before anything is built,
-    and every regulariser on its own arguments."""
+    below 1 (None: not checked), naming the argument (parts `importance`, `alpha`, `iterations`): every
+    regulariser runs it on its own arguments, and `check_options` on the options before anything is built,
+    reworded as the options that set them (--reg_importance, --reg_alpha, --reg_iterations)."""
     if importance is not None and importance < 0:
-        raise UserError(f"--reg_importance must be >= 0, got {importance}; pass a non-negative weight")
+        raise UserError("{importance} must be >= 0, got {value}; pass a non-negative weight",
+                        importance="the regulariser's importance", value=importance)
     if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise UserError(f"--reg_alpha must be in [0, 1], got {alpha}; it weights the newest squared gradient")
+        raise UserError("{alpha} must be in [0, 1], got {value}; it weights the newest squared gradient",
+                        alpha="the regulariser's alpha", value=alpha)
     if iterations is not None and int(iterations) < 1:
-        raise UserError(f"--reg_iterations must be >= 1, got {iterations}; it is RW's score interval K")
+        raise UserError("{iterations} must be >= 1, got {value}; it is RW's score interval K",
+                        iterations="the regulariser's iterations", value=iterations)
 
 
 def check_options(options) -> None:
     """The regulariser's options when --regularizer is given (Method.validate); options the namespace
     lacks are left to the regulariser's defaults."""
     if getattr(options, "regularizer", None):
-        check_hyperparameters(*(getattr(options, f"reg_{key}", None) for key in ("importance", "alpha", "iterations")))
+        try:
+            check_hyperparameters(*(getattr(options, f"reg_{key}", None)
+                                    for key in ("importance", "alpha", "iterations")))
+        except UserError as err:
+            raise err.reworded(importance="--reg_importance", alpha="--reg_alpha",
+                               iterations="--reg_iterations") from None
 
 
 class Regularizer:
@@ -387,6 +395,7 @@ def make_regularizer(
     update_after_step=True pairs each gradient with its own step's change (not MiB's order)."""
     cls = REGULARIZERS.get(str(name).lower())
     if cls is None:
-        raise UserError(f"unknown --regularizer {name!r}; choose one of {', '.join(REGULARIZERS)}")
+        raise UserError("unknown {regularizer}; known: {known}", regularizer=f"regularizer {name!r}",
+                        known=", ".join(REGULARIZERS))
     return cls(params, previous_state, importance, alpha=alpha, normalize=normalize, iterations=iterations,
                update_after_step=update_after_step)

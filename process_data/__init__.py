@@ -1,2 +1,1 @@
-"""Raw archives of any tiled dataset (a spec) -> crops, meta.json, split files (utils/data_layout.py); the built-in
-datasets' commands (ISPRS with its archive quirks); the synthetic ISPRS, LoveDA and OpenEarthMap generators."""
+"""Raw archives -> the processed layout (archive reading, tiling, split files, CLI); dataset commands; generators."""

@@ -9,7 +9,8 @@
 --png also writes PNG previews of the crops (training reads the crop store, images.npy / labels.npy).
 """
 
-from process_data.isprs_processing import POTSDAM, main_for
+from process_data.isprs_processing import POTSDAM
+from process_data.tile_processing import main_for
 
 main = main_for(POTSDAM)
 

@@ -8,7 +8,8 @@
 --png also writes PNG previews of the crops (training reads the crop store, images.npy / labels.npy).
 """
 
-from process_data.isprs_processing import VAIHINGEN, main_for
+from process_data.isprs_processing import VAIHINGEN
+from process_data.tile_processing import main_for
 
 main = main_for(VAIHINGEN)
 

@@ -1,28 +1,14 @@
 """ISPRS Vaihingen and Potsdam: their shipped specs (utils/specs/vaihingen.json, potsdam.json) plus the quirks
-of their archives, for the generic processing of process_data/tile_processing.py (docs/data.md#raw-layout).
+of their archives (a layout of process_data/archives.py), for the generic processing of
+process_data/tile_processing.py (docs/data.md#raw-layout).
 
 Quirks: the image archive's name is a folder a nested zip may carry (Potsdam.zip holds one zip per product);
 errors name the archive a missing folder comes from; the test labels are the eroded ones when that archive is
 there, else the complete ones (with a note). Everything else (tiles, file names, colours and their
 snapping, bands) is the spec's.
 """
-from process_data.tile_processing import (  # noqa: F401  (the names the ISPRS scripts and tests use)
-    RawSource,
-    SpecLayout,
-    class_balanced_split,
-    class_pixel_counts,
-    class_presence,
-    count_columns,
-    crop_positions,
-    disjoint_split,
-    main_for,
-    no_overlap_split,
-    overlapped_split,
-    process_dataset,
-    regenerate_splits,
-    to_hwc,
-    write_splits,
-)
+from process_data.archives import SpecLayout
+from process_data.tiling import count_columns
 from utils.dataset_spec import builtin_spec
 from utils.errors import UserError
 

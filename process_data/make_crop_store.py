@@ -14,8 +14,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from utils.crop_store import KINDS, NpyAppender, store_file, store_meta
-from utils.data_layout import (
+from dataset.crop_store import KINDS, NpyAppender, store_file, store_meta
+from dataset.layout import (
     SPLITS,
     dataset_dir,
     load_meta,

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from dataset.colormap import IGNORE_INDEX, colorize
 from process_data.isprs_processing import ISPRS_DATASETS as DATASETS
 from process_data.isprs_processing import LAYOUTS, POTSDAM, VAIHINGEN
-from utils.colormap import IGNORE_INDEX, colorize
 from utils.errors import UserError, exit_on_user_error
 
 CLUTTER, IMPERVIOUS, BUILDING, LOW_VEG, TREE, CAR = range(6)

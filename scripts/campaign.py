@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 import tasks
 from argparser import method_options, options_of_kind, parse_args, per_run_flags
+from dataset.layout import DATASETS, dataset_dir, meta_file
 from methods import METHODS, get_method_class
 from utils import slurm
 from utils.atomic_files import atomic_write
-from utils.data_layout import DATASETS, dataset_dir, meta_file
 from utils.errors import UserError, exit_on_user_error
 from utils.parallel_runs import Job, ParallelRunner
-from utils.results import read_results
+from utils.reporting.results import read_results
 from utils.run_id import DEFAULT_SEED, RunId, effective_name, split_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,11 +190,18 @@ def _signature_name(signature: str) -> str:
     return "step0-" + hashlib.sha1(signature.encode()).hexdigest()[:8]
 
 
+def _method_name(name: str) -> str:
+    try:
+        return get_method_class(name).name
+    except UserError as err:
+        raise err.reworded(method=f"--methods value {name!r}") from None
+
+
 class Campaign:
     def __init__(self, opts, extra: list[str]):
         self.opts = opts
         self.extra = extra
-        self.methods = [get_method_class(m).name for m in opts.methods]
+        self.methods = [_method_name(m) for m in opts.methods]
         for flag, values in (("--methods", self.methods), ("--datasets", opts.datasets), ("--tasks", opts.tasks),
                              ("--seeds", opts.seeds), ("--splits", opts.splits or [])):
             if len(set(values)) != len(values):
@@ -758,14 +765,14 @@ class Campaign:
         return files
 
     def write_tables(self) -> None:
-        from utils.result_figures import plot_per_class, plot_steps
-        from utils.result_tables import collect, paper_tables, per_class_tables, to_markdown, write_tables
+        from utils.reporting.figures import plot_per_class, plot_steps
+        from utils.reporting.tables import collect, paper_tables, per_class_tables, to_markdown, write_tables
 
         files = self.results_files()
         if not files:
             print("no results yet: no tables written")
             return
-        experiments = collect(files)
+        experiments = collect(files, tasks.num_steps_if_known, tasks.table_task_order())
         final = paper_tables(experiments, order=self.methods)
         tables = final + paper_tables(experiments, all_steps=True, order=self.methods) + \
             per_class_tables(experiments, order=self.methods)

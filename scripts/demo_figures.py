@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 import tasks
-from process_data.tile_processing import _read_tile
-from utils.colormap import CLASS_NAMES, colorize, decode_colors
+from dataset.colormap import CLASS_NAMES, colorize, decode_colors
 from utils.errors import UserError, exit_on_user_error
-from utils.results import read_results
+from utils.reporting.results import read_results
 
 
 def _sibling_script(name: str):
@@ -94,7 +93,7 @@ def richest_window(label: np.ndarray, classes, size: int) -> tuple[int, int]:
 
 def predictions_figure(runs, src, data_root, step: int, size: int, device):
     """image | ground truth | each run's prediction on the test-tile region richest in the new classes."""
-    from utils.logger import prediction_figure
+    from utils.reporting.logger import prediction_figure
 
     models = [(name, predict_tiles.StepModel(ckpt, device, data_root)) for name, _, ckpt in runs]
     first = models[0][1]
@@ -103,7 +102,7 @@ def predictions_figure(runs, src, data_root, step: int, size: int, device):
     with source:
         best = None
         for _, tile, image_loc, label_loc in chosen:  # the tile with the most new-class pixels
-            image, label_rgb = _read_tile(source, layout, image_loc, label_loc, first.meta["channels"])
+            image, label_rgb = layout.read_tile(source, image_loc, label_loc, first.meta["channels"])
             label, _ = decode_colors(label_rgb)
             count = int(np.isin(label, new_classes).sum())
             if best is None or count > best[0]:

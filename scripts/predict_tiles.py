@@ -25,11 +25,14 @@ import torch
 from PIL import Image
 
 import tasks
-from dataset import label_lut, load_meta
+from dataset.colormap import colorize
+from dataset.incremental import label_lut
+from dataset.layout import load_meta
 from modules import ModelOptions, make_model
-from process_data.tile_processing import RawSource, _locate_tiles, _read_tile, as_layout, crop_positions
+from process_data.archives import RawSource
+from process_data.tile_processing import as_layout
+from process_data.tiling import crop_positions
 from utils.checkpoint import load_checkpoint
-from utils.colormap import colorize
 from utils.distributed import choose_device, cpu_threads_per_process, gpu_driver_present
 from utils.errors import UserError, exit_on_user_error
 from utils.metrics import SegmentationMetrics, format_table
@@ -129,7 +132,7 @@ def summary(step_model: StepModel, metrics: SegmentationMetrics) -> dict:
 
 def preview(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, title: str, names, palette=None):
     """Downsized image | ground truth | prediction with the legend (the dataset's names and palette)."""
-    from utils.logger import prediction_figure
+    from utils.reporting.logger import prediction_figure
 
     step = max(1, int(np.ceil(max(image.shape[:2]) / PREVIEW_SIDE)))
     columns = [image[None, ::step, ::step, :3], colorize(label[::step, ::step], palette)[None],
@@ -172,7 +175,7 @@ def locate(step_model: StepModel, src, tile_ids, labels, spec=None):
     layout = as_layout(spec or step_model.dataset)
     source = RawSource(src, layout.wanted_folders())
     try:
-        found, _ = _locate_tiles(layout, source, step_model.meta["channels"], labels)
+        found, _ = layout.locate(source, step_model.meta["channels"], labels)
     except BaseException:
         source.close()
         raise
@@ -193,9 +196,13 @@ def predict_tiles(args) -> dict:
     if args.batch_size < 1 or (args.window is not None and args.window < 16):
         raise UserError("--batch_size must be at least 1 and --window at least 16 px")
     window_stride(1, args.overlap)  # validates --overlap before any work
-    device = choose_device(args.device, 0, 1, cuda_built=torch.version.cuda is not None,
-                           gpu_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                           driver_present=gpu_driver_present(), visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    try:
+        device = choose_device(args.device, 0, 1, cuda_built=torch.version.cuda is not None,
+                               gpu_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                               driver_present=gpu_driver_present(),
+                               visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except UserError as err:
+        raise err.reworded(cpu="pass --device cpu") from None
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_process(1))
     step_model = StepModel(args.ckpt, device, args.data_root)
@@ -210,7 +217,7 @@ def predict_tiles(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         for split, tile, image_loc, label_loc in chosen:
             start = time.time()
-            image, label_rgb = _read_tile(source, layout, image_loc, label_loc, step_model.meta["channels"])
+            image, label_rgb = layout.read_tile(source, image_loc, label_loc, step_model.meta["channels"])
             label = layout.decode(label_rgb)[0]
             del label_rgb
             logits = step_model.predict_logits(image, args.window, args.overlap, args.batch_size)

@@ -7,9 +7,10 @@ import argparse
 import os
 import sys
 
+import tasks
 from utils.errors import UserError, exit_on_user_error
-from utils.result_tables import RENDERERS, collect, paper_tables, parse_results_name, per_class_tables, write_tables
-from utils.results import POOLING_KEYS, read_manifests
+from utils.reporting.results import POOLING_KEYS, read_manifests
+from utils.reporting.tables import RENDERERS, collect, paper_tables, parse_results_name, per_class_tables, write_tables
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +86,7 @@ def main(argv=None):
                         f"pool them with a warning")
     for line in differences:
         print(f"warning: {line}", file=sys.stderr)
-    experiments = collect(opts.files)
+    experiments = collect(opts.files, tasks.num_steps_if_known, tasks.table_task_order())
     tables = make_tables(experiments, opts.all_steps, opts.per_class, opts.order)
     if opts.out:
         for path in write_tables(tables, opts.out, opts.format):
@@ -95,7 +96,7 @@ def main(argv=None):
             for table in tables:
                 print(RENDERERS[fmt](table))
     if opts.plot:
-        from utils.result_figures import plot_per_class, plot_steps
+        from utils.reporting.figures import plot_per_class, plot_steps
 
         for path in plot_steps(experiments, opts.plot, opts.order) + plot_per_class(experiments, opts.plot, opts.order):
             print(f"wrote {path}")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from process_data import make_synthetic_landcover
-from process_data.isprs_processing import POTSDAM, VAIHINGEN, process_dataset
+from process_data.isprs_processing import POTSDAM, VAIHINGEN
 from process_data.make_synthetic_isprs import generate
+from process_data.tile_processing import process_dataset
 
 # Small enough for a few seconds in total, big enough for every step of every task to get crops.
 # Tiny tiles need small objects (object_scale) so every step of every task still gets crops.

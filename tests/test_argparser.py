@@ -67,7 +67,7 @@ def test_method_lookup_is_case_insensitive():
     assert get_method_class("mib").name == "MiB"
     assert get_method_class("lwf-mc").name == "LWF-MC"
     with pytest.raises(UserError, match="unknown --method"):
-        get_method_class("nope")
+        parse_args(["--method", "nope"])
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from utils.distributed import available_cpus
-from utils.results import read_results
+from utils.reporting.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "32", "--batch_size", "2", "--epochs", "1",

@@ -157,8 +157,12 @@ def test_missing_step_hint_keeps_the_launcher(monkeypatch, tmp_path):
 
 # ---- device ---------------------------------------------------------------------------
 def device(choice="auto", rank=0, procs=1, cuda_built=True, gpus=0, driver=False, visible=None):
-    return choose_device(choice, rank, procs, cuda_built=cuda_built, gpu_count=gpus, driver_present=driver,
-                         visible_devices=visible)
+    """choose_device, its errors worded as run.py words them (its option --device in the library's place)."""
+    try:
+        return choose_device(choice, rank, procs, cuda_built=cuda_built, gpu_count=gpus, driver_present=driver,
+                             visible_devices=visible)
+    except UserError as err:
+        raise err.reworded(cpu="pass --device cpu") from None
 
 
 def test_device_choice():

@@ -1,7 +1,7 @@
-"""utils/colormap.py: ISPRS colour decoding (snapping, quirks, unknown colours) and colouring."""
+"""dataset/colormap.py: ISPRS colour decoding (snapping, quirks, unknown colours) and colouring."""
 import numpy as np
 
-from utils.colormap import CLASS_NAMES, IGNORE_INDEX, PALETTE, colorize, count_off_palette, decode_colors
+from dataset.colormap import CLASS_NAMES, IGNORE_INDEX, PALETTE, colorize, count_off_palette, decode_colors
 
 ISPRS_COLOURS = {(255, 0, 0): 0, (255, 255, 255): 1, (0, 0, 255): 2, (0, 255, 255): 3,
                  (0, 255, 0): 4, (255, 255, 0): 5}

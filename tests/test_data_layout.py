@@ -1,4 +1,4 @@
-"""utils/data_layout.py: the writer (process_data/) and the reader (dataset/) of a processed dataset agree
+"""dataset/layout.py: the writer (process_data/) and the reader (dataset/) of a processed dataset agree
 through it: names, meta.json format and version, folder layout, split files."""
 import shutil
 from pathlib import Path
@@ -8,13 +8,14 @@ import pytest
 
 import argparser
 import tasks
-from dataset import load_meta, split_file
+from dataset import layout as data_layout
+from dataset.crop_store import KINDS, store_file
+from dataset.layout import DATASETS, META_VERSION, dataset_dir, load_meta, meta_file
+from dataset.step_datasets import split_file
 from process_data import make_synthetic_isprs, make_synthetic_landcover
-from process_data.isprs_processing import ISPRS_DATASETS, LAYOUTS, regenerate_splits
+from process_data.isprs_processing import ISPRS_DATASETS, LAYOUTS
+from process_data.tile_processing import regenerate_splits
 from scripts import campaign
-from utils import data_layout
-from utils.crop_store import KINDS, store_file
-from utils.data_layout import DATASETS, META_VERSION, dataset_dir, meta_file
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

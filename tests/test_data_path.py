@@ -11,9 +11,12 @@ import torch
 
 from argparser import data_options, model_options, parse_args
 from benchmarks.legacy_pipeline import legacy_eval_transform, legacy_train_transform, read_png
-from dataset import BatchNormalize, DataOptions, get_datasets, load_meta, loaders
+from dataset import loaders
 from dataset.isprs import ISPRSCrops
-from dataset.transforms import RandomScaleCrop, train_transform
+from dataset.layout import load_meta
+from dataset.options import DataOptions
+from dataset.step_datasets import get_datasets
+from dataset.transforms import BatchNormalize, RandomScaleCrop, train_transform
 from methods import SetupContext, get_method_class
 from modules import make_model
 from process_data import make_crop_store

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 import tasks
-from dataset import DataOptions, get_datasets, label_lut, load_meta, split_file
+from dataset.incremental import label_lut
 from dataset.isprs import ISPRSCrops
+from dataset.layout import load_meta
+from dataset.options import DataOptions
+from dataset.step_datasets import get_datasets, split_file
 from dataset.transforms import (
     BatchNormalize,
     Compose,

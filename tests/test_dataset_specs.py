@@ -19,14 +19,15 @@ from PIL import Image
 
 import run
 import tasks
-from dataset import DataOptions, get_datasets
+from dataset.colormap import decode_colors
+from dataset.options import DataOptions
+from dataset.step_datasets import get_datasets
 from process_data import data_process_loveda, data_process_potsdam, data_process_vaihingen, process_dataset
 from process_data.make_synthetic_isprs import generate
 from process_data.make_synthetic_landcover import MISSING_XBD_TILE
 from tests.conftest import FIXTURE_CROP
 from tests.test_outputs import load_script
 from tests.test_run import TINY
-from utils.colormap import decode_colors
 from utils.dataset_spec import DatasetSpec, builtin_spec, builtin_spec_file, load_spec
 from utils.errors import UserError
 

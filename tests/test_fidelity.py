@@ -9,7 +9,9 @@ import torch
 
 import tasks
 from argparser import parse_args
-from dataset import DataOptions, get_datasets, label_lut
+from dataset.incremental import label_lut
+from dataset.options import DataOptions
+from dataset.step_datasets import get_datasets
 from methods import LWFMC, MiB, SetupContext, losses
 from methods.mib_family import EWC as EWCMethod
 from methods.mib_family import FT

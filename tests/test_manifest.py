@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 import tasks
-from utils.colormap import CLASS_NAMES
-from utils.results import POOLING_KEYS, environment_manifest, read_manifests, write_results
+from dataset.colormap import CLASS_NAMES
+from utils.reporting.results import POOLING_KEYS, environment_manifest, read_manifests, write_results
 from utils.run_id import RunId
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,21 +12,19 @@ import torch
 import run
 import tasks
 from argparser import parse_args
-from dataset import DataOptions, get_datasets, label_lut, load_meta, split_file
+from dataset.colormap import CLASS_NAMES
+from dataset.incremental import label_lut
+from dataset.layout import load_meta
+from dataset.options import DataOptions
+from dataset.step_datasets import get_datasets, split_file
 from methods import get_method_class
 from models import build_backbone, inflate_first_conv
 from modules import ModelOptions, make_model
-from process_data.isprs_processing import (
-    POTSDAM,
-    class_balanced_split,
-    class_presence,
-    no_overlap_split,
-    overlapped_split,
-    process_dataset,
-)
+from process_data.isprs_processing import POTSDAM
+from process_data.splits import class_balanced_split, class_presence, no_overlap_split, overlapped_split
+from process_data.tile_processing import process_dataset
 from tests.conftest import FIXTURE_CROP
 from tests.test_run import assert_user_error, run_cli, torchrun
-from utils.colormap import CLASS_NAMES
 from utils.early_stopping import EarlyStopping
 from utils.metrics import SegmentationMetrics, format_table
 from utils.optimizer import build_optimizer
@@ -211,7 +209,7 @@ def test_four_band_model_forward_and_weight_inflation(tmp_path):
 
 
 def test_sample_images_show_rgb_of_a_four_band_image():
-    from utils.logger import sample_images
+    from utils.reporting.logger import sample_images
 
     mean, std = [0.5, 0.5, 0.5, 0.5], [0.25, 0.25, 0.25, 0.25]
     image = torch.zeros(1, 4, 2, 2)

@@ -20,7 +20,7 @@ from argparser import (
     parse_args,
     per_run_flags,
 )
-from dataset import DataOptions
+from dataset.options import DataOptions
 from methods import METHODS, MiB
 from modules import ModelOptions
 from utils.errors import UserError

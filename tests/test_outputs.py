@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import run
-from utils.colormap import CLASS_NAMES, PALETTE, decode_colors
-from utils.logger import Logger, clean_tag, prediction_figure, write_task_curve
-from utils.results import read_results
+from dataset.colormap import CLASS_NAMES, PALETTE, decode_colors
+from utils.reporting.logger import Logger, clean_tag, prediction_figure, write_task_curve
+from utils.reporting.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--no_pretrained", "--crop_size", "64", "--batch_size", "4", "--epochs", "1",

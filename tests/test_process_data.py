@@ -13,22 +13,15 @@ import tifffile
 from PIL import Image
 
 import tasks
+from dataset.colormap import decode_colors
 from process_data import data_process_potsdam, data_process_vaihingen
-from process_data.isprs_processing import (
-    COUNT_COLUMNS,
-    POTSDAM,
-    VAIHINGEN,
-    RawSource,
-    class_presence,
-    crop_positions,
-    disjoint_split,
-    overlapped_split,
-    process_dataset,
-    to_hwc,
-)
+from process_data.archives import RawSource, to_hwc
+from process_data.isprs_processing import COUNT_COLUMNS, POTSDAM, VAIHINGEN
 from process_data.make_synthetic_isprs import generate
+from process_data.splits import class_presence, disjoint_split, overlapped_split
+from process_data.tile_processing import process_dataset
+from process_data.tiling import crop_positions
 from tests.conftest import FIXTURE_CROP, assert_every_split_nonempty
-from utils.colormap import decode_colors
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {"vaihingen": VAIHINGEN, "potsdam": POTSDAM}
@@ -326,12 +319,11 @@ def test_potsdam_rgbir_gives_4_channel_pngs(raw_root, tmp_path):
     assert np.array_equal(crop[..., 3], nir[y:y + 96, x:x + 96])
     stored = np.load(tmp_path / "potsdam" / "train" / "images.npy")
     assert stored.shape[1:] == (96, 96, 4) and np.array_equal(stored[meta["store"]["train"]["rows"][0]], crop)
-    from types import SimpleNamespace
-
-    from dataset import get_datasets
-    train, val, test = get_datasets(SimpleNamespace(data_root=str(tmp_path), dataset="potsdam", task="offline",
-                                                    step=0, overlap=False, crop_size=32, cross_val=False,
-                                                    random_seed=0))
+    from dataset.options import DataOptions
+    from dataset.step_datasets import get_datasets
+    train, val, test = get_datasets(DataOptions(data_root=str(tmp_path), dataset="potsdam", task="offline",
+                                                step=0, overlap=False, crop_size=32, cross_val=False,
+                                                random_seed=0))
     assert train[0][0].shape == (32, 32, 4) and test[0][0].shape == (96, 96, 4)  # uint8 H x W x C items
 
 

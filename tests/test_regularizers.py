@@ -413,9 +413,9 @@ def test_wrong_or_incomplete_previous_state_is_a_user_error():
     del state["method"], state["fisher"]
     with pytest.raises(UserError, match="fisher"):
         EWC(trainable(model), state, importance=1.0)
-    with pytest.raises(UserError, match="--regularizer"):
+    with pytest.raises(UserError, match="unknown regularizer 'mas'"):
         make_regularizer("mas", trainable(model), None, importance=1.0)
-    with pytest.raises(UserError, match="--reg_iterations"):
+    with pytest.raises(UserError, match="iterations must be >= 1"):
         make_regularizer("rw", trainable(model), None, importance=1.0, iterations=0)
 
 

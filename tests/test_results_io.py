@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import run
-import utils.results
+import utils.reporting.results
+from dataset.colormap import CLASS_NAMES
 from tests.test_run import run_args
-from utils.colormap import CLASS_NAMES
 from utils.metrics import SegmentationMetrics
-from utils.results import read_results, write_results
+from utils.reporting.results import read_results, write_results
 from utils.run_id import RunId
 
 
@@ -53,17 +53,17 @@ def test_kill_between_json_and_csv_heals(tmp_path, monkeypatch):
     args = (RunId("vaihingen", "4-1", "", "FT").results(tmp_path),)
     path = write_results(*args, 0, _results(), CLASS_NAMES, range(5), {})
     before = path.read_text()
-    original = utils.results.atomic_write
+    original = utils.reporting.results.atomic_write
 
     def crash_on_csv(target, *a, **kw):
         if str(target).endswith(".csv"):
             raise KeyboardInterrupt  # stands in for a kill after the JSON's rename
         return original(target, *a, **kw)
 
-    monkeypatch.setattr(utils.results, "atomic_write", crash_on_csv)
+    monkeypatch.setattr(utils.reporting.results, "atomic_write", crash_on_csv)
     with pytest.raises(KeyboardInterrupt):
         write_results(*args, 0, _results(1), CLASS_NAMES, range(5), {})
-    monkeypatch.setattr(utils.results, "atomic_write", original)
+    monkeypatch.setattr(utils.reporting.results, "atomic_write", original)
     assert path.read_text() == before  # the old CSV ...
     assert read_results(path)[0]["clutter"] == 0.0  # ... but readers get the record of the JSON
     write_results(*args, 1, _results(), CLASS_NAMES, range(6), {})
@@ -73,7 +73,7 @@ def test_kill_between_json_and_csv_heals(tmp_path, monkeypatch):
 
 def test_pending_row_replaces_the_old_numbers_until_the_test(tmp_path):
     """Between the new checkpoint and its test, the old run's numbers must not stand in the row."""
-    from utils.results import mark_pending
+    from utils.reporting.results import mark_pending
 
     args = (RunId("vaihingen", "4-1", "", "FT").results(tmp_path),)
     write_results(*args, 0, _results(), CLASS_NAMES, range(5), {}, record={"kind": "train"})

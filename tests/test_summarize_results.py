@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 import tasks
-from utils.colormap import CLASS_NAMES
+from dataset.colormap import CLASS_NAMES
 from utils.errors import UserError
-from utils.result_figures import per_class_figure, steps_figure
-from utils.result_tables import (
+from utils.reporting.figures import per_class_figure, steps_figure
+from utils.reporting.results import write_results
+from utils.reporting.tables import (
     collect,
     paper_tables,
     per_class_tables,
@@ -21,11 +22,11 @@ from utils.result_tables import (
     to_latex,
     to_markdown,
 )
-from utils.results import write_results
 from utils.run_id import RunId, effective_name, split_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (42, 1, 2)
+TASK_KNOWLEDGE = (tasks.num_steps_if_known, tasks.table_task_order())  # what the scripts pass `collect`
 
 
 def known(method: int, task: str, step: int, seed: int) -> dict:
@@ -72,7 +73,7 @@ def _paper_csv(table):
 
 
 def test_paper_table_mean_std_over_seeds(results_dir):
-    experiments = collect(sorted(results_dir.glob("*.csv")))
+    experiments = collect(sorted(results_dir.glob("*.csv")), *TASK_KNOWLEDGE)
     names = {(e.task, e.name): e.seeds for e in experiments}
     assert names[("4-1", "FT")] == [1, 2, 42] and names[("4-1", "step0-abc")] == [2]
     (table,) = paper_tables(experiments, order=["MiB", "FT"])
@@ -95,7 +96,7 @@ def test_paper_table_mean_std_over_seeds(results_dir):
 
 
 def test_every_step_and_the_shared_step0_link(results_dir):
-    experiments = collect(sorted(results_dir.glob("*.csv")))
+    experiments = collect(sorted(results_dir.glob("*.csv")), *TASK_KNOWLEDGE)
     mib = next(e for e in experiments if (e.task, e.name) == ("4-1", "MiB"))
     # seed 2 of MiB has only step 1 in its file; step 0 comes from the run named in its --step_ckpt
     assert mib.steps_by_seed[2][0]["miou_old"] == pytest.approx(100 * known(5, "4-1", 0, 2)["miou_old"])
@@ -112,7 +113,7 @@ def test_every_step_and_the_shared_step0_link(results_dir):
 
 
 def test_per_class_table(results_dir):
-    experiments = collect(sorted(results_dir.glob("*.csv")))
+    experiments = collect(sorted(results_dir.glob("*.csv")), *TASK_KNOWLEDGE)
     tables = {t.key: t for t in per_class_tables(experiments)}
     table = tables["per_class_vaihingen_2-1s"]
     assert table.groups[0] == ("IoU", list(CLASS_NAMES))
@@ -127,13 +128,13 @@ def test_per_class_table(results_dir):
 def test_fewer_seeds_in_a_cell_are_marked(tmp_path):
     write_task(tmp_path, "4-1", 0, "FT", 42)
     write_task(tmp_path, "4-1", 0, "FT", 1, steps=[0])  # seed 1 stopped after step 0
-    (table,) = paper_tables(collect(sorted(tmp_path.glob("*.csv"))))
+    (table,) = paper_tables(collect(sorted(tmp_path.glob("*.csv")), *TASK_KNOWLEDGE))
     line = next(l for l in to_markdown(table).splitlines() if l.startswith("| FT"))
     assert f"{100 * known(0, '4-1', 1, 42)['miou_old']:.2f} (n=1)" in line and line.endswith("| 1 42 |")
 
 
 def test_figures_plot_the_table_numbers(results_dir):
-    experiments = [e for e in collect(sorted(results_dir.glob("*.csv"))) if e.task == "4-1"]
+    experiments = [e for e in collect(sorted(results_dir.glob("*.csv")), *TASK_KNOWLEDGE) if e.task == "4-1"]
     fig = steps_figure(experiments, order=["FT", "MiB"])
     old_axis = fig.axes[0]
     ft_line = next(l for l in old_axis.lines if l.get_label() == "FT")
@@ -171,7 +172,7 @@ def test_bad_file_names_are_user_errors(tmp_path):
     bad = tmp_path / "notaresult.csv"
     bad.write_text("step\n")
     with pytest.raises(UserError, match="<dataset>_<task>"):
-        collect([bad])
+        collect([bad], *TASK_KNOWLEDGE)
     proc = subprocess.run([sys.executable, "scripts/summarize_results.py", str(tmp_path / "missing_4-1_FT.csv")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
@@ -181,7 +182,7 @@ def test_a_task_unknown_to_tasks_py_ends_at_its_last_step_in_the_file(tmp_path):
     for step in range(3):
         write_results(RunId("potsdam", "9s", "", "FT").results(tmp_path), step, known(0, "9s", step, 42), CLASS_NAMES,
                       range(2 + step), {})
-    (table,) = paper_tables(collect(sorted(tmp_path.glob("*.csv"))))
+    (table,) = paper_tables(collect(sorted(tmp_path.glob("*.csv")), *TASK_KNOWLEDGE))
     assert table.groups == [("9s", ["old", "new", "all"])]
     assert table.rows[0][1][0].mean == pytest.approx(100 * known(0, "9s", 2, 42)["miou_old"])
 
@@ -192,7 +193,7 @@ def test_columns_appended_to_results_files_are_tolerated(tmp_path):
     rows = [["0", "10", "20", "30", "40", "50", "x", "35.00", "x", "35.00", "30.00", "60.00", "0.5", "42"],
             ["1", "11", "21", "31", "41", "51", "61", "36.00", "61.00", "41.00", "36.00", "61.00", "0.6", "42"]]
     (tmp_path / "vaihingen_4-1_FT.csv").write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n")
-    (exp,) = collect([tmp_path / "vaihingen_4-1_FT.csv"])
+    (exp,) = collect([tmp_path / "vaihingen_4-1_FT.csv"], *TASK_KNOWLEDGE)
     assert exp.classes(1) == list(CLASS_NAMES)
     (table,) = per_class_tables([exp])
     assert [c.mean for c in table.rows[0][1]] == [11, 21, 31, 41, 51, 61, 36, 61, 41]

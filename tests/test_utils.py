@@ -12,9 +12,9 @@ import torch
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import DistributedEvalSampler, init_distributed
 from utils.errors import UserError
-from utils.logger import Logger, colour_maps, sample_images
 from utils.metrics import SegmentationMetrics
-from utils.results import read_results, write_results
+from utils.reporting.logger import Logger, colour_maps, sample_images
+from utils.reporting.results import read_results, write_results
 from utils.run_id import RunId
 from utils.scheduler import PolyLR, build_scheduler
 
@@ -88,7 +88,7 @@ def test_build_scheduler_step_and_errors():
         sched.step()
     assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001])
     assert isinstance(build_scheduler("poly", _optimizer(), max_iters=5, power=0.9), PolyLR)
-    with pytest.raises(UserError, match="--lr_policy"):
+    with pytest.raises(UserError, match="learning-rate policy .exponential. is unknown"):
         build_scheduler("exponential", _optimizer(), max_iters=5, power=0.9)
     with pytest.raises(UserError, match="step"):
         build_scheduler("step", _optimizer(), max_iters=5, power=0.9)
@@ -256,11 +256,11 @@ def _event_records(logdir):
 
 @pytest.fixture
 def colormap_module(monkeypatch):
-    """The real utils.colormap when it exists, else a stand-in with the palette of docs/data.md."""
+    """The real dataset.colormap when it exists, else a stand-in with the palette of docs/data.md."""
     try:
-        import utils.colormap as colormap
+        import dataset.colormap as colormap
     except ImportError:
-        colormap = types.ModuleType("utils.colormap")
+        colormap = types.ModuleType("dataset.colormap")
         colormap.CLASS_NAMES = CLASS_NAMES
         colormap.PALETTE = ISPRS_COLOURS
 
@@ -270,7 +270,7 @@ def colormap_module(monkeypatch):
             return lut[np.asarray(label)]
 
         colormap.colorize = colorize
-        monkeypatch.setitem(sys.modules, "utils.colormap", colormap)
+        monkeypatch.setitem(sys.modules, "dataset.colormap", colormap)
     return colormap
 
 

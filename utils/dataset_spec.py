@@ -2,7 +2,7 @@
 bands, where the image and label tiles are. The built-in datasets' specs and task files are in utils/specs/.
 
 The spec is data only; process_data/tile_processing.py turns any spec into the processed layout of
-utils/data_layout.py, and tasks.py reads task files against the classes named here.
+dataset/layout.py, and tasks.py reads task files against the classes named here.
 """
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ def gpu_driver_present() -> bool:
 def choose_device(choice: str, local_rank: int, local_world_size: int, *, cuda_built: bool, gpu_count: int,
                   driver_present: bool, visible_devices: str | None, launcher: str = "torchrun",
                   own_gpus: bool = False) -> torch.device:
-    """The device of this process for `--device auto|cuda|cpu`, or a UserError saying why not.
+    """The device of this process for the choice auto|cuda|cpu, or a UserError saying why not (its part `cpu`
+    words the CPU choice; a command line rewords it as its option, `err.reworded(cpu="pass --device cpu")`).
 
     auto: the local rank's GPU when GPUs are visible, else the CPU, unless the machine plainly has GPUs
     that this process cannot see (torch built with CUDA and a driver present, or CUDA_VISIBLE_DEVICES
@@ -61,9 +62,12 @@ def choose_device(choice: str, local_rank: int, local_world_size: int, *, cuda_b
             return torch.device("cuda", 0)
         if local_world_size > gpu_count or local_rank >= gpu_count:
             fix = ("srun --ntasks-per-node" if launcher == "srun" else "--nproc_per_node")
-            raise UserError(f"{local_world_size} process(es) on this node but only {gpu_count} GPU(s) visible "
-                            f"(CUDA_VISIBLE_DEVICES={visible_devices if visible_devices is not None else 'unset'}); "
-                            f"lower {fix} to {gpu_count}, make more GPUs visible, or pass --device cpu")
+            # {cpu}: the command line names its option there (run.py, scripts/predict_tiles.py)
+            raise UserError("{processes} process(es) on this node but only {gpus} GPU(s) visible "
+                            "(CUDA_VISIBLE_DEVICES={visible}); lower {fix} to {gpus}, make more GPUs visible, or {cpu}",
+                            processes=local_world_size, gpus=gpu_count,
+                            visible=visible_devices if visible_devices is not None else "unset", fix=fix,
+                            cpu="choose the device 'cpu'")
         return torch.device("cuda", local_rank)
     hidden = cuda_built and (driver_present or visible_devices is not None)
     if choice == "cuda" or hidden:
@@ -72,7 +76,8 @@ def choose_device(choice: str, local_rank: int, local_world_size: int, *, cuda_b
         else:
             shown = "unset" if visible_devices is None else repr(visible_devices)
             reason = f"torch is built with CUDA but sees no GPU (CUDA_VISIBLE_DEVICES={shown}); check that variable"
-        raise UserError(f"no GPU available: {reason}, or pass --device cpu to run on the CPU on purpose")
+        raise UserError("no GPU available: {reason}, or {cpu} to run on the CPU on purpose", reason=reason,
+                        cpu="choose the device 'cpu'")
     return torch.device("cpu")
 
 

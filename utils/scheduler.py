@@ -48,4 +48,4 @@ def build_scheduler(name: str, optimizer, max_iters: int, power: float = 0.9, st
         if not step_size or step_size <= 0:
             raise UserError(f"the step schedule needs a positive step_size in iterations (got {step_size})")
         return StepLR(optimizer, step_size=int(step_size), gamma=gamma)
-    raise UserError(f"--lr_policy {name!r} is unknown; use poly, step or cosine")
+    raise UserError("{policy} is unknown; known: poly, step, cosine", policy=f"learning-rate policy {name!r}")

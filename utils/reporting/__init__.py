@@ -1,1 +1,1 @@
-"""Reporting: what a run writes besides checkpoints (results files, tables, figures, logs, a step's report)."""
+"""Reporting: results files, their tables and figures, the TensorBoard/text logger, a step's report."""

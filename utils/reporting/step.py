@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint import file_sha256
-from utils.logger import write_task_curve
 from utils.metrics import format_table
-from utils.results import environment_manifest, mark_pending, read_results, write_results
+from utils.reporting.logger import write_task_curve
+from utils.reporting.results import environment_manifest, mark_pending, read_results, write_results
 
 
 def git_commit() -> str | None:
@@ -26,7 +26,7 @@ def git_commit() -> str | None:
 
 
 def run_manifest(opts, dist) -> dict:
-    """The run's reproducibility manifest (utils.results.environment_manifest)."""
+    """The run's reproducibility manifest (utils.reporting.results.environment_manifest)."""
     return environment_manifest(dist.device, dist.world_size, dist.local_world_size, dist.nodes, dist.launcher,
                                 vars(opts))
 
@@ -35,13 +35,13 @@ class StepReport:
     """What one step reports, on rank 0 (the writing methods are called there only).
 
     channel_names: every channel of the task (background first, then the classes in task order);
-    class_names: the dataset's classes; channel_to_class: a tensor mapping channels to dataset classes
-    (for the palette of the prediction figure); meta: the data's meta.json (mean, std, palette)."""
+    class_names: the dataset's classes; channel_to_class: the uint8[256] lookup from channels to dataset
+    classes (for the palette of the prediction figure); meta: the data's meta.json (mean, std, palette)."""
 
-    def __init__(self, opts, dist, logger, channel_names, class_names, channel_to_class, meta: dict):
-        self.opts, self.dist, self.logger = opts, dist, logger
+    def __init__(self, opts, dist, logger, meta: dict, channel_names, class_names, channel_to_class):
+        self.opts, self.dist, self.logger, self.meta = opts, dist, logger, meta
         self.channel_names, self.class_names = list(channel_names), list(class_names)
-        self.channel_to_class, self.meta = channel_to_class, meta
+        self.channel_to_class = torch.from_numpy(channel_to_class).long()
         self.manifest = run_manifest(opts, dist)
 
     def started(self, rid, classes) -> None:
@@ -57,7 +57,7 @@ class StepReport:
                         f"{os.environ['MASTER_PORT']} (the first host of the job's nodes, a port from the job id)")
 
     def record(self, kind: str, checkpoint_path, previous: dict | None) -> dict | None:
-        """Rank 0 (None on the others): what a results row records besides the numbers (utils/results.py)
+        """Rank 0 (None on the others): what a results row records besides the numbers (utils/reporting/results.py)
         for the `kind` ("train" or "test") of the checkpoint at `checkpoint_path`, hashed here; `previous`:
         the lineage, the step t-1 checkpoint's path and hash."""
         opts, dist = self.opts, self.dist

@@ -1,10 +1,13 @@
 """Results files -> the tables of a paper: methods x tasks (mIoU old/new/all at the final step, or at
 every step), per-class IoU, mean ± std over seeds; rendered as Markdown, LaTeX or CSV.
 
-A results file is `<dataset>_<task>[-ov]_<name>.csv` (utils.results); a run with --random_seed s other
+A results file is `<dataset>_<task>[-ov]_<name>.csv` (utils.reporting.results); a run with --random_seed s other
 than 42 is named `<experiment>-s<s>`, so the files of one experiment over seeds are grouped by stripping
 that suffix (no suffix = seed 42). A file without the earlier steps (a step 1 trained from a shared
 step 0 through --step_ckpt) takes them from the results of the run that checkpoint belongs to.
+
+What the files do not say about a task (its number of steps, the order of the task columns) the caller gives
+`collect` (tasks.py's knowledge: `tasks.num_steps_if_known`, `tasks.table_task_order()`).
 """
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ import io
 import json
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tasks
 from utils.errors import UserError
-from utils.results import read_results
+from utils.reporting.results import read_results
 from utils.run_id import RunId, split_seed
 
 SUMMARY = ("miou_old", "miou_new", "miou_all")
@@ -132,6 +135,8 @@ class Experiment:
     task: str
     name: str
     steps_by_seed: dict[int, dict[int, dict]] = field(default_factory=dict)
+    num_steps: int | None = None  # the task's number of steps; None: unknown (its last step is the files' last)
+    task_rank: int = 0  # place of the task among the table columns (then by name)
 
     @property
     def seeds(self) -> list[int]:
@@ -139,11 +144,10 @@ class Experiment:
 
     @property
     def last_step(self) -> int:
-        """The task's last step (tasks.py), or the last one in the files for a task it does not know."""
-        try:
-            return tasks.num_steps(self.dataset, self.task) - 1
-        except UserError:
-            return max(self.steps(), default=0)
+        """The task's last step, or the last one in the files for a task of unknown length."""
+        if self.num_steps is not None:
+            return self.num_steps - 1
+        return max(self.steps(), default=0)
 
     def value(self, step: int, column: str) -> Stat | None:
         return stat(rows[step].get(column) for rows in self.steps_by_seed.values() if step in rows)
@@ -160,13 +164,21 @@ class Experiment:
         return names
 
 
-def collect(paths) -> list[Experiment]:
-    """Group results files by (dataset, split, task, experiment) over seeds, in the order given."""
+def collect(paths, num_steps: Callable[[str, str], int | None] | None = None,
+            task_order: Sequence[str] = ()) -> list[Experiment]:
+    """Group results files by (dataset, split, task, experiment) over seeds, in the order given.
+    num_steps(dataset, task): the task's number of steps, None if unknown; task_order: the tasks' column
+    order in the tables (others after them, by name)."""
     experiments: dict[tuple, Experiment] = {}
+    order = list(task_order)
     for path in paths:
         results = parse_results_name(path)
         key = (results.dataset, results.split, results.task, results.experiment)
-        exp = experiments.setdefault(key, Experiment(*key))
+        exp = experiments.get(key)
+        if exp is None:
+            exp = experiments[key] = Experiment(
+                *key, num_steps=num_steps(results.dataset, results.task) if num_steps else None,
+                task_rank=order.index(results.task) if results.task in order else len(order))
         if results.seed in exp.steps_by_seed:
             raise UserError(f"two results files for {results.experiment} seed {results.seed}: {path}")
         exp.steps_by_seed[results.seed] = load_steps(results)
@@ -186,11 +198,6 @@ class Table:
     seeds: list[list[int]]  # per row
 
 
-def _task_order(task: str) -> tuple:
-    order = list(tasks.TASKS["vaihingen"])
-    return (order.index(task) if task in order else len(order), task)
-
-
 def _ordered(experiments, order) -> list[str]:
     names = list(dict.fromkeys(e.name for e in experiments))
     rank = {n: i for i, n in enumerate(order or [])}
@@ -203,7 +210,8 @@ def paper_tables(experiments: list[Experiment], all_steps: bool = False, order=N
     tables = []
     for dataset, split in dict.fromkeys((e.dataset, e.split) for e in experiments):
         exps = [e for e in experiments if (e.dataset, e.split) == (dataset, split)]
-        task_names = sorted(dict.fromkeys(e.task for e in exps), key=_task_order)
+        rank = {e.task: e.task_rank for e in exps}
+        task_names = sorted(rank, key=lambda t: (rank[t], t))
         by_key = {(e.name, e.task): e for e in exps}
         rows, seeds = [], []
         for name in _ordered(exps, order):

@@ -120,7 +120,7 @@ def clean_tag(tag: str) -> str:
 def write_task_curve(run_dir, rows) -> None:
     """Rewrite the per-task TensorBoard run: mIoU old/new/all (fractions) against the step.
 
-    rows: results rows as `utils.results.read_results` returns them (`step`, `miou_old`, ... in percent,
+    rows: results rows as `utils.reporting.results.read_results` returns them (`step`, `miou_old`, ... in percent,
     None where undefined). The run is rebuilt from the rows each time, so re-running or re-testing a
     step replaces its point instead of adding a second one.
     """
@@ -183,14 +183,23 @@ def sample_images(images, mean, std) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
-def colour_maps(label_maps, palette=None) -> np.ndarray:
-    """uint8 [N, H, W, 3]: class index maps [N, H, W] in `palette` (default ISPRS; 255 black)."""
-    from utils.colormap import colorize  # lazy: the palette lives in its own module
+def class_colours(palette=None) -> np.ndarray:
+    """uint8 [K, 3]: `palette`, or the ISPRS colours (from their spec) for a meta.json written before datasets
+    had specs and palettes."""
+    if palette is None:
+        from utils.dataset_spec import builtin_spec  # read once the default is needed
+        palette = builtin_spec("vaihingen").palette
+    return np.asarray(palette, dtype=np.uint8)
 
+
+def colour_maps(label_maps, palette=None) -> np.ndarray:
+    """uint8 [N, H, W, 3]: class index maps [N, H, W] in `palette` (default ISPRS; 255 and any value that is
+    no class black)."""
+    colours = class_colours(palette)
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[:len(colours)] = colours
     maps = torch.as_tensor(label_maps).detach().cpu().numpy().astype(np.int64)
-    n, h, w = maps.shape
-    # colorize takes one HxW map: stack the batch vertically into one tall map.
-    return np.asarray(colorize(maps.reshape(n * h, w), palette), dtype=np.uint8).reshape(n, h, w, 3)
+    return table[np.where((maps >= 0) & (maps < len(colours)), maps, 255)]
 
 
 def prediction_figure(columns, titles, class_names, legend_classes=None, ignore_label="ignored / not seen",
@@ -205,9 +214,7 @@ def prediction_figure(columns, titles, class_names, legend_classes=None, ignore_
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from utils.colormap import PALETTE
-
-    colours = PALETTE if palette is None else np.asarray(palette, dtype=np.uint8)
+    colours = class_colours(palette)
     n_rows, n_cols = len(columns[0]), len(columns)
     height, width = columns[0].shape[1:3]
     shown = range(min(len(class_names), len(colours))) if legend_classes is None else legend_classes

@@ -3,7 +3,7 @@
 `<data_root>/<dataset>/<split>/images.npy` is N x S x S x C and `labels.npy` N x S x S, row r of
 both the crop `meta["store"][split]["rows"]` points to; meta.json's `store` entry (`store_meta`, with its
 format `version`) is written only after both files are complete, so a half-written store is never read.
-The rest of the processed layout and meta.json are utils/data_layout.py's.
+The rest of the processed layout and meta.json are dataset/layout.py's.
 """
 import os
 import struct

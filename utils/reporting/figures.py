@@ -1,10 +1,10 @@
-"""Figures of grouped results (utils.result_tables.Experiment): mIoU old/new/all over the steps of a
+"""Figures of grouped results (utils.reporting.tables.Experiment): mIoU old/new/all over the steps of a
 task, one line per method; per-class IoU bars at the final step. PNG files, matplotlib (Agg)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from utils.result_tables import SUMMARY, SUMMARY_LABELS, Experiment, _ordered
+from utils.reporting.tables import SUMMARY, SUMMARY_LABELS, Experiment, _ordered
 
 
 def _pyplot():

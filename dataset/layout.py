@@ -3,11 +3,11 @@
 It owns the dataset names, the meta.json format version, the folder layout (docs/data.md#processed-layout),
 the validated reading and the atomic writing of meta.json and of split files, and the commands that
 (re)make a processed dataset, which the reader's error messages name. The crop-store arrays and their
-meta.json entry are utils/crop_store.py's.
+meta.json entry are dataset/crop_store.py's.
 
     <data_root>/<dataset>/              dataset_dir
         meta.json                       meta_file, load_meta / write_meta
-        <split>/{images,labels}.npy     crop store (utils/crop_store.py), split = train | test
+        <split>/{images,labels}.npy     crop store (dataset/crop_store.py), split = train | test
         <split>/{images,labels}/*.png   PNG crops (png_dir)
         <task><suffix>/train-<step>.npy split_file (suffix: tasks.FILTER_MODES)
 """
