@@ -10,12 +10,14 @@ import functools
 import math
 import re
 import sys
+from dataclasses import dataclass
 
 import tasks
 from dataset.options import DataOptions
 from methods import ALIASES, METHODS, get_method_class
 from methods.base import MethodOptions
 from modules import ModelOptions
+from train import TrainOptions
 from utils.errors import UserError, print_error
 from utils.optimizer import OPTIMIZERS, OptimizerOptions
 from utils.options import BOOKKEEPING, OptionGroup, Role, option_group
@@ -488,3 +490,25 @@ def model_options(opts: argparse.Namespace, in_channels: int = 3) -> ModelOption
 
 def optimizer_options(opts: argparse.Namespace) -> OptimizerOptions:
     return _record(OptimizerOptions, opts)
+
+
+def train_options(opts: argparse.Namespace) -> TrainOptions:
+    return _record(TrainOptions, opts)
+
+
+@dataclass(frozen=True)
+class OptionRecords:
+    """Every part's options of one run, built once from the command line: each part gets its own."""
+
+    id: RunId
+    data: DataOptions
+    model: ModelOptions
+    optimizer: OptimizerOptions
+    train: TrainOptions
+    method: MethodOptions
+
+
+def option_records(opts: argparse.Namespace, in_channels: int = 3) -> OptionRecords:
+    """The run's option records; `in_channels`: the input bands of the data (meta.json)."""
+    return OptionRecords(run_id(opts), data_options(opts), model_options(opts, in_channels), optimizer_options(opts),
+                         train_options(opts), method_options(opts))

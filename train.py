@@ -93,14 +93,30 @@ def evaluate(model, loader, num_classes: int, device, input_norm=None, amp_dtype
     return metrics, samples
 
 
-def final_test(model, loader, classes, device, opts, input_norm=None):
+@dataclass(frozen=True)
+class TrainOptions:
+    """How the step trains and evaluates; field names are run.py's options."""
+
+    epochs: int = 40
+    opt_level: str = "O0"  # AMP_LEVELS
+    val_interval: int = 1
+    patience: int = 0  # early stopping after this many validations without a better mIoU (0: off)
+    ckpt_interval: int = 0  # also write the resume checkpoint every N iterations
+    print_interval: int = 10
+    sample_num: int = 4  # test crops shown as figures
+    debug: bool = False  # DEBUG_BATCHES per epoch and evaluation
+    compile: bool = False
+    channels_last: bool = False
+
+
+def final_test(model, loader, classes, device, options: TrainOptions, input_norm=None):
     """The step's final test of the unwrapped `model` on every crop of `loader`, over all classes seen
     (`classes`: per step; channel 0 background, then the classes in task order, old = step 0's, new = the
     later steps'). Returns (results, samples) as `SegmentationMetrics.results` and `evaluate` give them."""
     num_seen = sum(classes)
     metrics, samples = evaluate(model, loader, num_seen, device, input_norm=input_norm,
-                                amp_dtype=AMP_LEVELS[opts.opt_level][0], sample_num=opts.sample_num,
-                                max_batches=batches_per_pass(loader, opts.debug))
+                                amp_dtype=AMP_LEVELS[options.opt_level][0], sample_num=options.sample_num,
+                                max_batches=batches_per_pass(loader, options.debug))
     results = metrics.results(old_classes=list(range(classes[0])), new_classes=list(range(classes[0], num_seen)))
     return results, samples
 
@@ -145,8 +161,8 @@ def unwrap(model):
 
 
 class Trainer:
-    def __init__(self, model, old_model, method, optimizer, scheduler, opts, dist, logger, input_norm=None,
-                 preemption=None):
+    def __init__(self, model, old_model, method, optimizer, scheduler, options: TrainOptions, dist, logger,
+                 input_norm=None, preemption=None):
         self.model = model  # possibly DDP-wrapped and/or compiled: used for training forwards
         self.module = unwrap(model)  # for evaluation and state
         # uint8 N x H x W x C batches -> normalised float N x C x H x W on the device (None: batches
@@ -156,11 +172,11 @@ class Trainer:
         self.method = method
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.opts = opts
+        self.options = options
         self.dist = dist
         self.device = dist.device
         self.logger = logger
-        self.amp_dtype, use_scaler = AMP_LEVELS[opts.opt_level]
+        self.amp_dtype, use_scaler = AMP_LEVELS[options.opt_level]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         if use_scaler:
             # GradScaler skips optimizer.step() on overflowing iterations, which torch flags as a wrong call
@@ -191,12 +207,12 @@ class Trainer:
         `resume` (ResumeCheckpoint) restores what it finds, is written after every epoch but the last (the
         step checkpoint follows it at once) and, on pre-emption, before every rank exits with
         PREEMPTED_EXIT_CODE (SystemExit)."""
-        opts = self.opts
+        options = self.options
         self.train_loader, self.stopper = train_loader, stopper
         start_epoch, start_iter, resume_rng = resume.on_fit_start(self) if resume is not None else (0, 0, None)
         after_iteration = functools.partial(resume.on_iteration_end, self) if resume is not None else None
-        epochs_run = opts.epochs
-        for epoch in range(start_epoch, opts.epochs):
+        epochs_run = options.epochs
+        for epoch in range(start_epoch, options.epochs):
             try:
                 self.train_epoch(train_loader, epoch, start_iter=start_iter, resume_rng=resume_rng,
                                  after_iteration=after_iteration)
@@ -206,11 +222,11 @@ class Trainer:
                 resume.save(self, stop.epoch, stop.iteration_in_epoch)
                 self._stop_for_preemption(stop, resume.path)
             start_iter, resume_rng = 0, None
-            last = epoch + 1 == opts.epochs
-            if val_loader is not None and (epoch + 1) % opts.val_interval == 0 and (stopper is not None or not last):
+            last = epoch + 1 == options.epochs
+            if val_loader is not None and (epoch + 1) % options.val_interval == 0 and (stopper is not None or not last):
                 if self._validate(val_loader, num_classes, epoch + 1, stopper) and not last:
                     epochs_run = epoch + 1
-                    self.logger.info(f"early stopping after epoch {epoch + 1}: {opts.patience} epoch(s) without a "
+                    self.logger.info(f"early stopping after epoch {epoch + 1}: {options.patience} epoch(s) without a "
                                      f"better validation mIoU")
                     break
             if not last and resume is not None:
@@ -220,9 +236,9 @@ class Trainer:
         if stopper is not None:
             if stopper.restore_best(self.module):
                 self.logger.info(f"kept the weights of epoch {stopper.best_epoch} (best validation mIoU "
-                                 f"{100 * stopper.best_score:.2f}, --patience {opts.patience}) as the step checkpoint, "
-                                 f"which the test below and the next step use; optimizer, scheduler and method state "
-                                 f"are those of the last epoch trained ({epochs_run})")
+                                 f"{100 * stopper.best_score:.2f}, --patience {options.patience}) as the step "
+                                 f"checkpoint, which the test below and the next step use; optimizer, scheduler and "
+                                 f"method state are those of the last epoch trained ({epochs_run})")
             else:
                 self.logger.info("no validation gave a mIoU: the step checkpoint holds the last epoch")
         best = stopper.best_epoch if stopper is not None else None
@@ -268,10 +284,10 @@ class Trainer:
             raise UserError(f"the model holds NaN/inf values ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                             f"{self.divergence_hint()} (no checkpoint was written)")
 
-    def step_checkpoint(self, fitted: Fitted, lineage: dict | None, manifest: dict) -> dict:
+    def step_checkpoint(self, fitted: Fitted, lineage: dict | None, manifest: dict, recorded: dict) -> dict:
         """What the step checkpoint holds: the model (with the classifiers allocated ahead,
-        Method.model_classes), optimiser, scheduler and method state, the options, and where it comes from
-        (`lineage`: the step t-1 checkpoint's path and sha256) and ran (`manifest`)."""
+        Method.model_classes), optimiser, scheduler and method state, every option of the run (`recorded`),
+        and where it comes from (`lineage`: the step t-1 checkpoint's path and sha256) and ran (`manifest`)."""
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -280,9 +296,9 @@ class Trainer:
             "epochs_run": fitted.epochs_run,
             "method_state": self.method.state_dict(),
             "classes": list(self.module.classes),
-            "step": self.opts.step,
-            "opts": vars(self.opts),
-            "input_channels": self.opts.in_channels,
+            "step": recorded["step"],
+            "opts": recorded,
+            "input_channels": recorded["in_channels"],
             "lineage": lineage,
             "manifest": manifest,
         }
@@ -307,8 +323,8 @@ class Trainer:
         epoch_sums: dict[str, torch.Tensor] = {}
         window_sums: dict[str, torch.Tensor] = {}
         window = 0
-        n_iters = batches_per_pass(loader, self.opts.debug)
-        bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{self.opts.epochs}",
+        n_iters = batches_per_pass(loader, self.options.debug)
+        bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{self.options.epochs}",
                    disable=True if self.dist.rank != 0 else None,  # None: only on a terminal
                    leave=False, dynamic_ncols=True, mininterval=2.0)
         start = time.time()
@@ -327,7 +343,7 @@ class Trainer:
                         sums[key] = sums.get(key, 0.0) + value
                 window += 1
                 bar.update(1)
-                if window == self.opts.print_interval or i == n_iters - 1:
+                if window == self.options.print_interval or i == n_iters - 1:
                     means = self._reduce_means(window_sums, window)
                     self._check_finite(means, epoch, i)
                     bar.set_postfix(loss=f"{means['total']:.4f}")
@@ -342,7 +358,7 @@ class Trainer:
             bar.close()  # before any error line, so it prints alone
         means = self._reduce_means(epoch_sums, max(n_iters - start_iter, 1))
         self.logger.info(
-            f"epoch {epoch + 1}/{self.opts.epochs}: "
+            f"epoch {epoch + 1}/{self.options.epochs}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
             + f" ({time.time() - start:.1f}s, lr {self.optimizer.param_groups[0]['lr']:.2e})"
         )
@@ -406,15 +422,10 @@ class Trainer:
         try:
             return evaluate(self.module, loader, num_classes, self.device, input_norm=self.input_norm,
                             amp_dtype=self.amp_dtype, sample_num=sample_num,
-                            max_batches=batches_per_pass(loader, self.opts.debug))
+                            max_batches=batches_per_pass(loader, self.options.debug))
         finally:
             self._set_train_mode()
 
-
-# Options that may differ between a run and the resume checkpoint it continues from.
-RESUME_FREE = {"command_line", "local_rank", "no_resume", "dist_timeout", "print_interval", "sample_num",
-               "num_workers", "logdir", "results_dir", "checkpoint_dir", "ckpt_interval", "data_root",
-               "allow_mismatch", "preempt_signals"}
 
 
 class ResumeCheckpoint:
@@ -425,9 +436,12 @@ class ResumeCheckpoint:
     method's resume state, early stopping's state (best weights included) and every rank's RNG and loader
     states."""
 
-    def __init__(self, path, manifest: dict):
+    def __init__(self, path, manifest: dict, recorded: dict, resume_free=frozenset(), no_resume: bool = False):
         self.path = Path(path)
         self.manifest = manifest  # this run's environment (utils.reporting.results.environment_manifest)
+        self.recorded = recorded  # every option of the run: saved, and compared when resuming
+        self.resume_free = frozenset(resume_free)  # the options that may differ then (paths, logging, launch)
+        self.no_resume = no_resume  # start over even when the checkpoint exists
 
     def check_room(self, model, method) -> None:
         """Before training (rank 0): room for this checkpoint (model, momentum, method state) and its temp
@@ -458,13 +472,13 @@ class ResumeCheckpoint:
                 "rng_per_rank": rng,
                 "world_size": trainer.dist.world_size,
                 "manifest": self.manifest,
-                "opts": vars(trainer.opts),
+                "opts": self.recorded,
             })
 
     def on_iteration_end(self, trainer, epoch: int, iteration_in_epoch: int) -> None:
         """Every --ckpt_interval iterations of the step, but not at an epoch's end (the epoch's save follows)."""
-        interval = trainer.opts.ckpt_interval
-        n_iters = batches_per_pass(trainer.train_loader, trainer.opts.debug)
+        interval = trainer.options.ckpt_interval
+        n_iters = batches_per_pass(trainer.train_loader, trainer.options.debug)
         if interval and trainer.iteration % interval == 0 and iteration_in_epoch < n_iters:
             self.save(trainer, epoch, iteration_in_epoch)
 
@@ -475,11 +489,11 @@ class ResumeCheckpoint:
         exists = broadcast_object(self.path.is_file() if dist.rank == 0 else None)
         if not exists:
             return 0, 0, None
-        if trainer.opts.no_resume:
+        if self.no_resume:
             logger.info(f"--no_resume: starting over (ignoring {self.path})")
             return 0, 0, None
         state = load_checkpoint(self.path)
-        self._check_same_run(state, trainer.opts, dist.world_size)
+        self._check_same_run(state, dist.world_size)
         self._warn_other_environment(state.get("manifest"), logger)
         trainer.module.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
@@ -500,14 +514,15 @@ class ResumeCheckpoint:
         restore_rng_state(mine["rng"])
         return epoch, 0, None
 
-    def _check_same_run(self, state: dict, opts, world_size: int) -> None:
+    def _check_same_run(self, state: dict, world_size: int) -> None:
         saved = state.get("opts", {})
         if state.get("world_size") != world_size:
             raise UserError(f"{self.path} was written by {state.get('world_size')} process(es), this run has "
                             f"{world_size} (another effective batch and split of the data); run with the "
                             f"same number of processes, on any number of nodes, or pass --no_resume")
-        ours = vars(opts)
-        changed = [k for k in sorted(set(saved) | set(ours)) if k not in RESUME_FREE and saved.get(k) != ours.get(k)]
+        ours = self.recorded
+        changed = [k for k in sorted(set(saved) | set(ours))
+                   if k not in self.resume_free and saved.get(k) != ours.get(k)]
         if changed:
             k = changed[0]
             raise UserError(f"{self.path} was written with --{k} {saved.get(k)}, this run has --{k} {ours.get(k)}; "

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from argparser import parse_args
+from argparser import method_options, model_options, optimizer_options, parse_args, train_options
 from benchmarks.legacy_pipeline import legacy_train_transform, read_png
 from dataset.incremental import IncrementalDataset, label_lut
 from dataset.isprs import ISPRSCrops
@@ -126,16 +126,16 @@ def model_rates(args, device, meta):
         opts = parse_args(argv)
         torch.manual_seed(0)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-        model = make_model(opts, [5, 1]).to(device, memory_format=fmt)
-        old_model = make_model(opts, [5]).to(device, memory_format=fmt).eval().requires_grad_(False)
-        method_obj = get_method_class(method)(opts, 1, [5, 1])
+        model = make_model(model_options(opts), [5, 1]).to(device, memory_format=fmt)
+        old_model = make_model(model_options(opts), [5]).to(device, memory_format=fmt).eval().requires_grad_(False)
+        method_obj = get_method_class(method)(method_options(opts), 1, [5, 1])
         method_obj.init_new_model(model)
         method_obj.setup(SetupContext(model=model))
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], opts, device)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer_options(opts), device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         train_model = compile_model(model, device) if args.compile else model
         trainer = Trainer(train_model, old_model if method_obj.uses_old_model else None, method_obj, optimizer,
-                          scheduler, opts, dist, logger,
+                          scheduler, train_options(opts), dist, logger,
                           input_norm=BatchNormalize(meta["mean"], meta["std"], args.channels_last))
         g = torch.Generator().manual_seed(0)
         shape = (args.batch_size, args.model_crop, args.model_crop)

@@ -12,6 +12,7 @@ from utils.distributed import DistributedEvalSampler, available_cpus, local_worl
 from utils.errors import UserError
 
 from .incremental import SeededSampler
+from .options import DataOptions
 from .transforms import BatchNormalize
 
 
@@ -28,17 +29,18 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loaders(opts, dist, train_set, val_set, test_set):
+def make_loaders(data: DataOptions, dist, train_set, val_set, test_set):
     """Shuffled (distributed) training loader; evaluation loaders that see every crop exactly once
     (None for a dataset given as None).
 
-    Workers: --num_workers, or min(8, CPUs / processes); on CUDA pinned memory; workers persist
-    across epochs; each worker keeps 4 batches in flight (items are cheap uint8 crops)."""
+    Batches of data.batch_size per process. Workers: data.num_workers, or min(8, CPUs / processes); on
+    CUDA pinned memory; workers persist across epochs; each worker keeps 4 batches in flight (items are
+    cheap uint8 crops)."""
     pin = dist.device.type == "cuda"
-    workers = opts.num_workers if getattr(opts, "num_workers", None) is not None else default_num_workers(dist)
+    workers = data.num_workers if data.num_workers is not None else default_num_workers(dist)
     # Worker seeds only: what a training item looks like comes from SeededSampler's seeds, never from these.
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
-                  generator=torch.Generator().manual_seed(opts.random_seed))
+                  generator=torch.Generator().manual_seed(data.random_seed))
     if workers > 0:
         common.update(prefetch_factor=4, worker_init_fn=seed_worker)
 
@@ -47,25 +49,25 @@ def make_loaders(opts, dist, train_set, val_set, test_set):
             return None
         sampler = (DistributedEvalSampler(ds, dist.world_size, dist.rank) if dist.distributed
                    else SequentialSampler(ds))
-        return DataLoader(ds, batch_size=opts.batch_size, sampler=sampler, **common)
+        return DataLoader(ds, batch_size=data.batch_size, sampler=sampler, **common)
 
     train_loader = None
     if train_set is not None:
         # The training order and every item's augmentation follow the seed and the epoch alone (and the rank).
-        rank_seed = np.random.SeedSequence([opts.random_seed, dist.rank]).generate_state(1, np.uint64)[0]
+        rank_seed = np.random.SeedSequence([data.random_seed, dist.rank]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(rank_seed))
-        order = (DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True, seed=opts.random_seed)
+        order = (DistributedSampler(train_set, dist.world_size, dist.rank, shuffle=True, seed=data.random_seed)
                  if dist.distributed else RandomSampler(train_set, generator=generator))
         sampler = SeededSampler(order, generator)
-        if len(train_set) < opts.batch_size * dist.world_size:
+        if len(train_set) < data.batch_size * dist.world_size:
             raise UserError(
-                f"step {opts.step} has {len(train_set)} training crops, fewer than one batch "
-                f"({opts.batch_size} x {dist.world_size} processes); lower --batch_size"
+                f"step {data.step} has {len(train_set)} training crops, fewer than one batch "
+                f"({data.batch_size} x {dist.world_size} processes); lower --batch_size"
             )
-        train_loader = DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler, drop_last=True, **common)
+        train_loader = DataLoader(train_set, batch_size=data.batch_size, sampler=sampler, drop_last=True, **common)
     return train_loader, eval_loader(val_set), eval_loader(test_set)
 
 
-def input_normalizer(opts, meta) -> BatchNormalize:
+def input_normalizer(meta, channels_last: bool = False) -> BatchNormalize:
     """uint8 batches -> normalised float input on the device, with the data's mean and std (meta.json)."""
-    return BatchNormalize(meta["mean"], meta["std"], channels_last=getattr(opts, "channels_last", False))
+    return BatchNormalize(meta["mean"], meta["std"], channels_last=channels_last)

@@ -12,9 +12,6 @@ from utils.errors import UserError
 from .segmentation import classifier_prefix
 
 # Options stored in a checkpoint that the loading run must share (label, option).
-COMPATIBILITY = (("backbone", "--backbone"), ("output_stride", "--output_stride"), ("norm_act", "--norm_act"),
-                 ("dataset", "--dataset"), ("task", "--task"),
-                 ("overlap", "--overlap"), ("filter_mode", "--filter_mode"))
 # In-place ABN with and without synchronisation: the same parameters and the same function.
 _SAME_NORM = {"iabn_sync": "iabn"}
 
@@ -47,23 +44,24 @@ def load_model_weights(model, checkpoint: dict, path, strict: bool = True) -> No
                         f"--norm_act?): missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def check_compatible(opts, checkpoint: dict, path, logger) -> None:
-    """The backbone, output stride, norm_act, dataset, task and split stored in `checkpoint` must be this
-    run's; a mismatch is a UserError naming both values (a warning with --allow_mismatch). Checkpoints
-    without stored options are not checked. Input bands are checked earlier, by check_checkpoint_bands."""
+def check_compatible(recorded: dict, checkpoint: dict, path, compared, logger,
+                     allow_mismatch: bool = False) -> None:
+    """The options `compared` ((option, flag) pairs: backbone, output stride, norm_act, dataset, task, split)
+    stored in `checkpoint` must equal this run's (`recorded`); a mismatch is a UserError naming both values (a
+    warning when `allow_mismatch`). Checkpoints without stored options are not checked. Input bands are
+    checked earlier, by check_checkpoint_bands."""
     saved = dict(checkpoint.get("opts") or {})
     if not saved:
         return
-    ours = vars(opts)
-    for key, label in COMPATIBILITY:
-        theirs, mine = saved.get(key), ours.get(key)
+    for key, label in compared:
+        theirs, mine = saved.get(key), recorded.get(key)
         if theirs is None:
             continue
         if key == "norm_act":
             theirs, mine = _SAME_NORM.get(theirs, theirs), _SAME_NORM.get(mine, mine)
         if theirs != mine:
-            message = (f"{path} was trained with {label} {saved.get(key)} but this run has {label} {ours.get(key)}")
-            if not opts.allow_mismatch:
+            message = f"{path} was trained with {label} {saved.get(key)} but this run has {label} {recorded.get(key)}"
+            if not allow_mismatch:
                 raise UserError(f"{message}; use the same options, another checkpoint, or --allow_mismatch "
                                 f"if this is on purpose")
             logger.info(f"warning: {message} (--allow_mismatch)")

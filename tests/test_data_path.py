@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from argparser import data_options, model_options, parse_args
+from argparser import data_options, method_options, model_options, optimizer_options, parse_args, train_options
 from benchmarks.legacy_pipeline import legacy_eval_transform, legacy_train_transform, read_png
 from dataset import loaders
 from dataset.isprs import ISPRSCrops
@@ -205,14 +205,14 @@ def test_default_num_workers_and_loader_settings(data_root, monkeypatch):
     o = parse_args(["--data_root", str(data_root), "--crop_size", "32", "--batch_size", "2"])
     assert o.num_workers is None
     train, val, test = get_datasets(data_options(o))
-    train_loader, _, _ = loaders.make_loaders(o, one, train, val, test)
+    train_loader, _, _ = loaders.make_loaders(data_options(o), one, train, val, test)
     assert train_loader.num_workers == 2 and train_loader.prefetch_factor == 4
     assert train_loader.persistent_workers and not train_loader.pin_memory  # pinned on CUDA only
 
     def draw(seed):  # two loaders with the same seed give the same augmented batches (2 workers)
         o2 = parse_args(["--data_root", str(data_root), "--crop_size", "32", "--batch_size", "2",
                          "--random_seed", str(seed)])
-        loader, _, _ = loaders.make_loaders(o2, one, *get_datasets(data_options(o2)))
+        loader, _, _ = loaders.make_loaders(data_options(o2), one, *get_datasets(data_options(o2)))
         return [b[0] for _, b in zip(range(3), loader)]
     first, again, other = draw(1), draw(1), draw(2)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -230,7 +230,7 @@ def test_training_batches_follow_the_seed_and_epoch_not_the_workers(data_root):
     def epochs(workers, n=2):
         o = parse_args(["--data_root", str(data_root), "--crop_size", "32", "--batch_size", "2",
                         "--num_workers", str(workers)])
-        loader, _, _ = loaders.make_loaders(o, one, *get_datasets(data_options(o)))
+        loader, _, _ = loaders.make_loaders(data_options(o), one, *get_datasets(data_options(o)))
         torch.manual_seed(123)
         before = torch.get_rng_state()
         batches = [[(images.clone(), labels.clone()) for images, labels in loader] for _ in range(n)]
@@ -259,9 +259,9 @@ def _trainer(data_root, tmp_path, method, extra=(), step=1):
     model = make_model(model_options(o), classes).to(memory_format=memory_format)
     old_model = (make_model(model_options(o), classes[:-1]).to(memory_format=memory_format).eval().requires_grad_(False)
                  if step > 0 else None)
-    method_obj = get_method_class(o.method)(o, o.step, classes)
+    method_obj = get_method_class(o.method)(method_options(o), o.step, classes)
     method_obj.setup(SetupContext(model=model))
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], o, dist.device)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer_options(o), dist.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     # aot_eager: dynamo + AOT autograd as with inductor, without minutes of C++ code generation on a CPU
     train_model = compile_model(model, dist.device, backend="aot_eager") if o.compile else model
@@ -269,7 +269,7 @@ def _trainer(data_root, tmp_path, method, extra=(), step=1):
                              add_scalar=lambda *a, **k: None)
     meta = load_meta(data_root, "vaihingen")
     trainer = Trainer(train_model, old_model if method_obj.uses_old_model and step > 0 else None, method_obj, optimizer,
-                      scheduler, o, dist, logger, input_norm=BatchNormalize(meta["mean"], meta["std"],
+                      scheduler, train_options(o), dist, logger, input_norm=BatchNormalize(meta["mean"], meta["std"],
                                                                           o.channels_last))
     return trainer, model
 
