@@ -113,68 +113,71 @@ def _channel_chunks(channels):
     return [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
 
 
-def _affine(rows):
-    """3 x 3 homogeneous matrix of a 2 x 3 affine map."""
-    return np.vstack([np.asarray(rows, dtype=np.float64), [0.0, 0.0, 1.0]])
+def _axis_map(start, valid, crop_size, flip):
+    """Where the `valid` crop rows (or columns) showing the rescaled image land in the output, and the
+    map from output index i in that block to the index in the rescaled image: (first, count, a, b) with
+    index = a * i + b."""
+    if flip:  # output i shows crop index crop_size - 1 - i; the valid rows end up at the bottom
+        first = crop_size - valid
+        return first, valid, -1.0, float(start + crop_size - 1 - first)
+    return 0, valid, 1.0, float(start)
 
 
-def _crop_geometry(crop_size, top, left, flip_rows, flip_cols, k):
-    """3 x 3 integer matrix taking an output pixel (x, y, 1) of the flipped and rotated crop to the pixel
-    (column, row, 1) of the rescaled image it shows: rot90 by k (as torch.rot90 on (H, W)), then the
-    flips, then the crop offset, undone in this order."""
-    n = crop_size - 1
-    # rot90(F, k)[y, x] = F[r, c]: k=1 (r, c) = (x, n - y); k=2 (n - y, n - x); k=3 (n - x, y)
-    rot = {0: [[1, 0, 0], [0, 1, 0]], 1: [[0, -1, n], [1, 0, 0]],
-           2: [[-1, 0, n], [0, -1, n]], 3: [[0, 1, 0], [-1, 0, n]]}[k % 4]
-    flip = [[-1, 0, n] if flip_cols else [1, 0, 0], [0, -1, n] if flip_rows else [0, 1, 0]]
-    return _affine([[1, 0, left], [0, 1, top]]) @ _affine(flip) @ _affine(rot)
+def _transpose(array):
+    """H x W (x C) -> W x H (x C), contiguous; OpenCV's transpose where it takes the pixel size."""
+    if array.ndim == 2 or array.shape[2] in (1, 3, 4):
+        return cv2.transpose(array).reshape((array.shape[1], array.shape[0]) + array.shape[2:])
+    return np.ascontiguousarray(array.transpose(1, 0, 2))
 
 
 def scale_crop_window(image, label, size, top, left, crop_size, ignore_index=255, flip_rows=False,
                       flip_cols=False, k=0):
     """The crop [top, top + crop_size) x [left, ...) of image/label resized to `size`, padded (image 0,
     label ignore_index) where the resized image ends, then flipped (rows, columns) and rotated by
-    k x 90 degrees, all in one `cv2.warpAffine` pass per array over the output pixels only.
+    k x 90 degrees (as torch.rot90 on (H, W)); only the output pixels are computed.
 
     image H x W x C (uint8 or float32, any number of bands), label H x W (uint8 or uint16). The image
     is sampled bilinearly like torch's `interpolate(bilinear, align_corners=False)` (half-pixel centres,
     edges replicated); OpenCV's 8-bit kernel lands within 0.53/255 of the exact value (0.5/255 would be
     exact arithmetic rounded once), float32 within float32 error. The label is sampled like torch's
     `interpolate(nearest)`: source row floor(y * H / H'), in exact arithmetic.
+
+    One `cv2.warpAffine` per array does the scale, crop offset, flips and the 180-degree rotation
+    (one affine map); 90 and 270 degrees are a flip in that map and a transpose of the crop after it
+    (a warp whose map swaps the axes reads the source column-wise, 3-9x slower than warp + transpose).
     """
     h, w = label.shape
     out_h, out_w = size
     channels = image.shape[2]
+    # rot90(F, 1) = transpose(F[:, ::-1]); rot90(F, 2) = F[::-1, ::-1]; rot90(F, 3) = transpose(F[::-1])
+    k %= 4
+    flip_cols ^= k in (1, 2)
+    flip_rows ^= k in (2, 3)
     out_image = np.zeros((crop_size, crop_size, channels), dtype=image.dtype)
     out_label = np.full((crop_size, crop_size), ignore_index, dtype=label.dtype)
     rows = max(0, min(crop_size, out_h - top))  # crop rows / columns inside the resized image
     cols = max(0, min(crop_size, out_w - left))
-    if rows == 0 or cols == 0:
-        return out_image, out_label
-    to_scaled = _crop_geometry(crop_size, top, left, flip_rows, flip_cols, k)
-    # the output block showing the resized image (the rest stays padding): the inverse integer map
-    # of the corners of the valid window of the rescaled image
-    corners = np.linalg.inv(to_scaled) @ np.array([[left, left + cols - 1], [top, top + rows - 1], [1, 1]])
-    (x0, x1), (y0, y1) = np.sort(np.rint(corners[:2]).astype(np.int64), axis=1)
-    block = to_scaled @ _affine([[1, 0, x0], [0, 1, y0]])
-    dsize = (int(x1 - x0 + 1), int(y1 - y0 + 1))
-    sx, sy = w / out_w, h / out_h
-    # image: half-pixel centres, x_src = (x + 0.5) * sx - 0.5; replicated edges are torch's clamping
-    bilinear = np.diag([sx, sy, 1.0]) @ block
-    bilinear[:2, 2] += (0.5 * sx - 0.5, 0.5 * sy - 0.5)
-    # label: floor(x * sx) is the nearest integer to x * sx - 0.5 + 0.5 / out_w (x * sx is a multiple of
-    # 1 / out_w, so this stays half a step clear of any rounding boundary)
-    nearest = np.diag([sx, sy, 1.0]) @ block
-    nearest[:2, 2] += (-0.5 + 0.5 / out_w, -0.5 + 0.5 / out_h)
-    flags = cv2.WARP_INVERSE_MAP
-    region = (slice(y0, y1 + 1), slice(x0, x1 + 1))
-    for chunk in _channel_chunks(channels):
-        part = image[:, :, chunk] if chunk.stop - chunk.start == channels else np.ascontiguousarray(image[:, :, chunk])
-        warped = cv2.warpAffine(part, bilinear[:2], dsize, flags=flags | cv2.INTER_LINEAR,
-                                borderMode=cv2.BORDER_REPLICATE)
-        out_image[region + (chunk,)] = warped.reshape(dsize[1], dsize[0], -1)
-    out_label[region] = cv2.warpAffine(label, nearest[:2], dsize, flags=flags | cv2.INTER_NEAREST,
-                                       borderMode=cv2.BORDER_CONSTANT, borderValue=ignore_index)
+    if rows and cols:
+        y0, n_rows, ay, by = _axis_map(top, rows, crop_size, flip_rows)
+        x0, n_cols, ax, bx = _axis_map(left, cols, crop_size, flip_cols)
+        sx, sy = w / out_w, h / out_h
+        # image: half-pixel centres, source x = (u + 0.5) * sx - 0.5 for rescaled-image column u;
+        # replicated edges are torch's clamping of the source position
+        bilinear = np.array([[ax * sx, 0.0, (bx + 0.5) * sx - 0.5], [0.0, ay * sy, (by + 0.5) * sy - 0.5]])
+        # label: floor(u * sx) is the nearest integer to u * sx - 0.5 + 0.5 / out_w (u * sx is a multiple
+        # of 1 / out_w, so this stays half a step clear of any rounding boundary)
+        nearest = np.array([[ax * sx, 0.0, bx * sx - 0.5 + 0.5 / out_w], [0.0, ay * sy, by * sy - 0.5 + 0.5 / out_h]])
+        block = (slice(y0, y0 + n_rows), slice(x0, x0 + n_cols))
+        dsize = (n_cols, n_rows)
+        for chunk in _channel_chunks(channels):
+            part = image if chunk.stop - chunk.start == channels else np.ascontiguousarray(image[:, :, chunk])
+            warped = cv2.warpAffine(part, bilinear, dsize, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_REPLICATE)
+            out_image[block + (chunk,)] = warped.reshape(n_rows, n_cols, -1)
+        out_label[block] = cv2.warpAffine(label, nearest, dsize, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_NEAREST,
+                                          borderMode=cv2.BORDER_CONSTANT, borderValue=ignore_index)
+    if k in (1, 3):
+        return _transpose(out_image), _transpose(out_label)
     return out_image, out_label
 
 
