@@ -18,7 +18,8 @@ previews so both paths read the same crops). Usage, from the repository root:
         --opt_level O2 --channels_last                                   # the paper's step on a GPU
 
 Options: --workers 1,2 (loader worker counts), --loader_batches N, --iters N, --methods FT,MiB,...,
---peak_tflops X (device peak when the GPU is not in the built-in table), --baseline_transforms FILE
+--peak_tflops X (device peak when the GPU is not in the built-in table), --channels RGBIR (4-band
+crops), --baseline_transforms FILE
 (e.g. `git show <commit>:dataset/transforms.py > /tmp/old_transforms.py`). Prints markdown tables.
 """
 from __future__ import annotations
@@ -76,10 +77,26 @@ def baseline_dataset(data_root, path):
                               label_lut("potsdam", "offline", 0, "train"), module.train_transform(CROP))
 
 
-def make_data(root):
+class AugmentationOnly:
+    """The training transform of `dataset` alone, on its items' crops held in memory (remapped labels)."""
+
+    def __init__(self, dataset):
+        self.items = [(np.array(image), dataset.lut[label]) for image, label in
+                      (dataset.base[i] for i in range(len(dataset.base)))]
+        self.transform = dataset.transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.transform(*self.items[index])
+
+
+def make_data(root, channels=None):
     raw = Path(root) / "raw"
     generate("potsdam", raw, seed=0, tile_size=1536, n_train=2, n_test=1)
-    process_dataset(POTSDAM, raw, Path(root) / "data", crop_size=CROP, stride=CROP, progress=False, png=True)
+    process_dataset(POTSDAM, raw, Path(root) / "data", crop_size=CROP, stride=CROP, progress=False, png=True,
+                    channels=channels)
     return Path(root) / "data"
 
 
@@ -224,6 +241,8 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--peak_tflops", type=float, default=None)
     parser.add_argument("--skip_loader", action="store_true")
+    parser.add_argument("--skip_model", action="store_true", help="only (a): the data path")
+    parser.add_argument("--channels", default=None, help="Potsdam bands of the crops: RGB (default) or RGBIR")
     parser.add_argument("--baseline_transforms", default=None,
                         help="a dataset/transforms.py of another version to time side by side in (a)")
     args = parser.parse_args(argv)
@@ -242,7 +261,7 @@ def main(argv=None):
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; torch {torch.__version__}; default "
           f"--num_workers {default_workers}")
     with tempfile.TemporaryDirectory() as tmp:
-        data_root = make_data(tmp)
+        data_root = make_data(tmp, args.channels)
         meta = load_meta(data_root, "potsdam")
         old, new = datasets(data_root)
         rates = {}
@@ -251,17 +270,19 @@ def main(argv=None):
             png = PngCrops(data_root, "potsdam", "train", meta)  # a plain decode: no remapping, no augmentation
             baseline = baseline_dataset(data_root, args.baseline_transforms) if args.baseline_transforms else None
             # side by side: the paths alternate within each pass
-            times = {name: [] for name in ("old", "new", "png", "baseline")}
+            paths = {"old": old, "new": new, "png": png, "baseline": baseline, "new_aug": AugmentationOnly(new),
+                     "baseline_aug": AugmentationOnly(baseline) if baseline is not None else None}
+            times = {name: [] for name in paths}
             for r in range(args.repeats):
-                for name, ds in (("old", old), ("new", new), ("png", png), ("baseline", baseline)):
+                for name, ds in paths.items():
                     if ds is not None:
                         times[name].append(per_crop_ms(ds, 1, seed=r))
             old_ms, new_ms, png_ms = (tuple(map(statistics.median, zip(*times[n]))) for n in ("old", "new", "png"))
             torch.set_num_threads(threads)
             cv2.setNumThreads(cv_threads)
             print(f"\n(a) one {CROP} px training crop, decode + augmentation + label remapping, one thread "
-                  f"({len(new)} crops x {args.repeats}, median)\n\n| path | wall ms / crop | CPU ms / crop | "
-                  f"crops/s per worker (CPU time) |\n|---|---|---|---|")
+                  f"({len(new)} crops of {new.base[0][0].shape[-1]} bands x {args.repeats}, median)\n\n"
+                  f"| path | wall ms / crop | CPU ms / crop | crops/s per worker (CPU time) |\n|---|---|---|---|")
             print(f"| old: PNG + float whole-crop rescale + normalise | {old_ms[0]:.2f} | {old_ms[1]:.2f} | "
                   f"{1000 / old_ms[1]:.0f} |")
             if baseline is not None:
@@ -276,6 +297,13 @@ def main(argv=None):
             if baseline is not None:
                 print(f"| speed-up new / baseline | {base_ms[0] / new_ms[0]:.1f}x | {base_ms[1] / new_ms[1]:.1f}x | |")
             print(f"| new item / PNG decode | {new_ms[0] / png_ms[0]:.2f} | {new_ms[1] / png_ms[1]:.2f} | |")
+            aug_ms = tuple(map(statistics.median, zip(*times["new_aug"])))
+            print(f"| augmentation alone (crop in memory), new | {aug_ms[0]:.2f} | {aug_ms[1]:.2f} | |")
+            if baseline is not None:
+                base_aug = tuple(map(statistics.median, zip(*times["baseline_aug"])))
+                print(f"| augmentation alone, baseline | {base_aug[0]:.2f} | {base_aug[1]:.2f} | |")
+                print(f"| augmentation alone, baseline / new | {base_aug[0] / aug_ms[0]:.1f}x | "
+                      f"{base_aug[1] / aug_ms[1]:.1f}x | |")
             print(f"\nDataLoader, batches of 8, {args.loader_batches} batches timed after the first\n\n"
                   f"| workers | old crops/s | new crops/s | new / old |\n|---|---|---|---|")
             for w in sorted(set(workers + [default_workers])):
@@ -284,6 +312,8 @@ def main(argv=None):
                 rates[w] = (r_old, r_new)
                 print(f"| {w} | {r_old:.0f} | {r_new:.0f} | {r_new / r_old:.1f} |")
 
+        if args.skip_model:
+            return
         rows = model_rates(args, device, meta)
         print(f"\n(b) one training iteration at step 1 of 4-1: {args.backbone}, crop {args.model_crop}, batch "
               f"{args.batch_size}, {args.opt_level}, {args.norm_act}"
