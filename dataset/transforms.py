@@ -165,7 +165,8 @@ def scale_crop_window(image, label, size, top, left, crop_size, ignore_index=255
         # replicated edges are torch's clamping of the source position
         bilinear = np.array([[ax * sx, 0.0, (bx + 0.5) * sx - 0.5], [0.0, ay * sy, (by + 0.5) * sy - 0.5]])
         # label: floor(u * sx) is the nearest integer to u * sx - 0.5 + 0.5 / out_w (u * sx is a multiple
-        # of 1 / out_w, so this stays half a step clear of any rounding boundary)
+        # of 1 / out_w, so this stays half a step clear of any rounding boundary; checked exact up to
+        # 2048 px rescaled to 4096)
         nearest = np.array([[ax * sx, 0.0, bx * sx - 0.5 + 0.5 / out_w], [0.0, ay * sy, by * sy - 0.5 + 0.5 / out_h]])
         block = (slice(y0, y0 + n_rows), slice(x0, x0 + n_cols))
         dsize = (n_cols, n_rows)
@@ -211,8 +212,9 @@ class RandomScaleCrop:
 
 class RandomScaleCropFlipRotate:
     """RandomScaleCrop, RandomHorizontalFlip, RandomVerticalFlip and RandomRotation90 in one step, with
-    the same random draws in the same order: one affine map (scale, crop offset, flips, rotation) and
-    one `cv2.warpAffine` per array. numpy image H x W x C and label H x W in and out.
+    the same random draws in the same order: one `cv2.warpAffine` per array (scale, crop offset, flips,
+    180 degrees), plus a transpose for 90 / 270 degrees (`scale_crop_window`). numpy image H x W x C
+    and label H x W in and out.
     """
 
     def __init__(self, crop_size, scale=(0.5, 2.0), ignore_index=255, p_flip=0.5):
