@@ -2,7 +2,9 @@
 
 (a) the data path per crop on one thread (decode + augmentation of one 512 px training crop), the old
     path (PNG + whole-crop float rescale + per-item normalisation) against the new one (crop store +
-    window scale-crop on uint8), and DataLoader throughput in crops/s for 1, 2, ... workers, both paths;
+    OpenCV scale-crop-flip-rotate on uint8) and against a plain PNG decode of the same crop (image and
+    label, nothing else), optionally the training transform of another version of dataset/transforms.py
+    (--baseline_transforms FILE), and DataLoader throughput in crops/s for 1, 2, ... workers, both paths;
 (b) the model: images/s of one training iteration (old-model forward, forward, losses, backward, SGD
     step) of FT, MiB, MiCro and MiB-CD at step 1 of 4-1; on CUDA also peak memory, host syncs inside
     the iteration and model FLOP utilisation (torch.utils.flop_counter against the device's peak);
@@ -16,11 +18,14 @@ previews so both paths read the same crops). Usage, from the repository root:
         --opt_level O2 --channels_last                                   # the paper's step on a GPU
 
 Options: --workers 1,2 (loader worker counts), --loader_batches N, --iters N, --methods FT,MiB,...,
---peak_tflops X (device peak when the GPU is not in the built-in table). Prints markdown tables.
+--peak_tflops X (device peak when the GPU is not in the built-in table), --channels RGBIR (4-band
+crops), --baseline_transforms FILE
+(e.g. `git show <commit>:dataset/transforms.py > /tmp/old_transforms.py`). Prints markdown tables.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import tempfile
@@ -28,6 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -63,10 +69,36 @@ class PngCrops(ISPRSCrops):
         return read_png(self.png_dirs["images"] / name), read_png(self.png_dirs["labels"] / name)
 
 
-def make_data(root):
+def baseline_dataset(data_root, path):
+    """The store crops through the train_transform of another version of dataset/transforms.py."""
+    spec = importlib.util.spec_from_file_location("baseline_transforms", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    meta = load_meta(data_root, "potsdam")
+    return IncrementalDataset(ISPRSCrops(data_root, "potsdam", "train", meta), np.arange(len(meta["train"]["crops"])),
+                              label_lut("potsdam", "offline", 0, "train"), module.train_transform(CROP))
+
+
+class AugmentationOnly:
+    """The training transform of `dataset` alone, on its items' crops held in memory (remapped labels)."""
+
+    def __init__(self, dataset):
+        self.items = [(np.array(image), dataset.lut[label]) for image, label in
+                      (dataset.base[i] for i in range(len(dataset.base)))]
+        self.transform = dataset.transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.transform(*self.items[index])
+
+
+def make_data(root, channels=None):
     raw = Path(root) / "raw"
     generate("potsdam", raw, seed=0, tile_size=1536, n_train=2, n_test=1)
-    process_dataset(POTSDAM, raw, Path(root) / "data", crop_size=CROP, stride=CROP, progress=False, png=True)
+    process_dataset(POTSDAM, raw, Path(root) / "data", crop_size=CROP, stride=CROP, progress=False, png=True,
+                    channels=channels)
     return Path(root) / "data"
 
 
@@ -80,11 +112,12 @@ def datasets(data_root):
     return old, new
 
 
-def per_crop_ms(dataset, repeats):
+def per_crop_ms(dataset, repeats, seed=0):
     """Median (wall, CPU) ms per item on one thread; CPU time is the steadier figure on a shared machine."""
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)
     wall, cpu = [], []
-    for r in range(repeats):
+    for r in range(seed, seed + repeats):
         torch.manual_seed(r)
         start, start_cpu = time.perf_counter(), time.process_time()
         for i in range(len(dataset)):
@@ -210,6 +243,10 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--peak_tflops", type=float, default=None)
     parser.add_argument("--skip_loader", action="store_true")
+    parser.add_argument("--skip_model", action="store_true", help="only (a): the data path")
+    parser.add_argument("--channels", default=None, help="Potsdam bands of the crops: RGB (default) or RGBIR")
+    parser.add_argument("--baseline_transforms", default=None,
+                        help="a dataset/transforms.py of another version to time side by side in (a)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -226,22 +263,49 @@ def main(argv=None):
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; torch {torch.__version__}; default "
           f"--num_workers {default_workers}")
     with tempfile.TemporaryDirectory() as tmp:
-        data_root = make_data(tmp)
+        data_root = make_data(tmp, args.channels)
         meta = load_meta(data_root, "potsdam")
         old, new = datasets(data_root)
         rates = {}
         if not args.skip_loader:
-            threads = torch.get_num_threads()
-            old_ms, new_ms = per_crop_ms(old, args.repeats), per_crop_ms(new, args.repeats)
+            threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+            png = PngCrops(data_root, "potsdam", "train", meta)  # a plain decode: no remapping, no augmentation
+            baseline = baseline_dataset(data_root, args.baseline_transforms) if args.baseline_transforms else None
+            # side by side: the paths alternate within each pass
+            paths = {"old": old, "new": new, "png": png, "baseline": baseline, "new_aug": AugmentationOnly(new),
+                     "baseline_aug": AugmentationOnly(baseline) if baseline is not None else None}
+            times = {name: [] for name in paths}
+            for r in range(args.repeats):
+                for name, ds in paths.items():
+                    if ds is not None:
+                        times[name].append(per_crop_ms(ds, 1, seed=r))
+            old_ms, new_ms, png_ms = (tuple(map(statistics.median, zip(*times[n]))) for n in ("old", "new", "png"))
             torch.set_num_threads(threads)
+            cv2.setNumThreads(cv_threads)
             print(f"\n(a) one {CROP} px training crop, decode + augmentation + label remapping, one thread "
-                  f"({len(new)} crops x {args.repeats}, median)\n\n| path | wall ms / crop | CPU ms / crop | "
-                  f"crops/s per worker (CPU time) |\n|---|---|---|---|")
-            print(f"| old: PNG + float whole-crop rescale + normalise | {old_ms[0]:.1f} | {old_ms[1]:.1f} | "
+                  f"({len(new)} crops of {new.base[0][0].shape[-1]} bands x {args.repeats}, median)\n\n"
+                  f"| path | wall ms / crop | CPU ms / crop | crops/s per worker (CPU time) |\n|---|---|---|---|")
+            print(f"| old: PNG + float whole-crop rescale + normalise | {old_ms[0]:.2f} | {old_ms[1]:.2f} | "
                   f"{1000 / old_ms[1]:.0f} |")
-            print(f"| new: crop store + window scale-crop on uint8 | {new_ms[0]:.1f} | {new_ms[1]:.1f} | "
+            if baseline is not None:
+                base_ms = tuple(map(statistics.median, zip(*times["baseline"])))
+                print(f"| crop store + {args.baseline_transforms} | {base_ms[0]:.2f} | {base_ms[1]:.2f} | "
+                      f"{1000 / base_ms[1]:.0f} |")
+            print(f"| new: crop store + OpenCV scale-crop-flip-rotate on uint8 | {new_ms[0]:.2f} | {new_ms[1]:.2f} | "
                   f"{1000 / new_ms[1]:.0f} |")
-            print(f"| speed-up | {old_ms[0] / new_ms[0]:.1f}x | {old_ms[1] / new_ms[1]:.1f}x | |")
+            print(f"| plain PNG decode of the same crop (image + label), nothing else | {png_ms[0]:.2f} | "
+                  f"{png_ms[1]:.2f} | |")
+            print(f"| speed-up new / old | {old_ms[0] / new_ms[0]:.1f}x | {old_ms[1] / new_ms[1]:.1f}x | |")
+            if baseline is not None:
+                print(f"| speed-up new / baseline | {base_ms[0] / new_ms[0]:.1f}x | {base_ms[1] / new_ms[1]:.1f}x | |")
+            print(f"| new item / PNG decode | {new_ms[0] / png_ms[0]:.2f} | {new_ms[1] / png_ms[1]:.2f} | |")
+            aug_ms = tuple(map(statistics.median, zip(*times["new_aug"])))
+            print(f"| augmentation alone (crop in memory), new | {aug_ms[0]:.2f} | {aug_ms[1]:.2f} | |")
+            if baseline is not None:
+                base_aug = tuple(map(statistics.median, zip(*times["baseline_aug"])))
+                print(f"| augmentation alone, baseline | {base_aug[0]:.2f} | {base_aug[1]:.2f} | |")
+                print(f"| augmentation alone, baseline / new | {base_aug[0] / aug_ms[0]:.1f}x | "
+                      f"{base_aug[1] / aug_ms[1]:.1f}x | |")
             print(f"\nDataLoader, batches of 8, {args.loader_batches} batches timed after the first\n\n"
                   f"| workers | old crops/s | new crops/s | new / old |\n|---|---|---|---|")
             for w in sorted(set(workers + [default_workers])):
@@ -250,6 +314,8 @@ def main(argv=None):
                 rates[w] = (r_old, r_new)
                 print(f"| {w} | {r_old:.0f} | {r_new:.0f} | {r_new / r_old:.1f} |")
 
+        if args.skip_model:
+            return
         rows = model_rates(args, device, meta)
         print(f"\n(b) one training iteration at step 1 of 4-1: {args.backbone}, crop {args.model_crop}, batch "
               f"{args.batch_size}, {args.opt_level}, {args.norm_act}"

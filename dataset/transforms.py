@@ -5,14 +5,19 @@ items IncrementalDataset seeds it per item (dataset.SeededSampler), so workers d
 
 The data path keeps crops uint8 until the device: items are numpy uint8 (image H x W x C, label H x W),
 `RandomScaleCropFlipRotate` resamples only what lands in the crop, with the flips and rotations folded
-into its index arrays, `ToUint8` makes them tensors and `BatchNormalize` converts and normalises the
-whole batch on the device. The separate transforms it fuses are kept as its definition:
-`RandomScaleCrop` (numpy, like the fused one) and, for the per-item float path of
-benchmarks/legacy_pipeline.py, `ToTensor` (numpy -> float C x H x W), the flips and
+into one affine map (one OpenCV `warpAffine` per array), `ToUint8` makes them tensors and
+`BatchNormalize` converts and normalises the whole batch on the device. The separate transforms it
+fuses are kept as its definition: `RandomScaleCrop` (numpy, like the fused one) and, for the per-item
+float path of benchmarks/legacy_pipeline.py, `ToTensor` (numpy -> float C x H x W), the flips and
 `RandomRotation90` (torch C x H x W) and `Normalize`.
 """
+import cv2
 import numpy as np
 import torch
+
+if int(cv2.__version__.split(".")[0]) < 5:  # 4.x rounds warpAffine's source positions to 1/32 px
+    raise ImportError(f"dataset.transforms needs OpenCV 5 or later (found {cv2.__version__}): "
+                      f"pip install -U 'opencv-python-headless>=5'")
 
 
 def _coin(p):
@@ -95,85 +100,85 @@ class RandomRotation90:
         return torch.rot90(image, k, dims=(-2, -1)), torch.rot90(label, k, dims=(-2, -1))
 
 
-def _bilinear_taps(out_start, out_count, in_size, out_size):
-    """Source rows (lo, hi) and weights of output rows out_start.. of a bilinear resize in_size -> out_size.
-
-    The same arithmetic as torch's `interpolate(mode="bilinear", align_corners=False)` on CPU (float32
-    scale in/out, half-pixel centres, negative coordinates clamped to 0), for a window of the output.
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_start, out_start + out_count, dtype=np.float32)
-    src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
-    lo = src.astype(np.int64)
-    hi = np.minimum(lo + 1, in_size - 1)
-    return lo, hi, (src - lo).astype(np.float32)
+# warpAffine's float-coordinate kernels cover 1, 3 and 4 channels; other counts fall back to a
+# fixed-point path that quantises positions to 1/32 px (several grey levels off), so wider images
+# are resampled in chunks of these sizes
+_CHUNKS = {0: (), 1: (1,), 2: (1, 1), 3: (3,)}
 
 
-def _nearest_taps(out_start, out_count, in_size, out_size):
-    """Source index of output rows out_start.. of torch's legacy `mode="nearest"` resize."""
-    if out_size == in_size:
-        return np.arange(out_start, out_start + out_count)
-    scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_start, out_start + out_count, dtype=np.float32)
-    return np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
+def _channel_chunks(channels):
+    """Channel slices of at most 4, none of 2 (5 -> 4 + 1, 6 -> 4 + 1 + 1, 2 -> 1 + 1)."""
+    sizes = (4,) * (channels // 4) + _CHUNKS[channels % 4]
+    starts = np.cumsum((0,) + sizes)
+    return [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _axis_map(start, valid, crop_size, flip):
+    """Where the `valid` crop rows (or columns) showing the rescaled image land in the output, and the
+    map from output index i in that block to the index in the rescaled image: (first, count, a, b) with
+    index = a * i + b."""
+    if flip:  # output i shows crop index crop_size - 1 - i; the valid rows end up at the bottom
+        first = crop_size - valid
+        return first, valid, -1.0, float(start + crop_size - 1 - first)
+    return 0, valid, 1.0, float(start)
+
+
+def _transpose(array):
+    """H x W (x C) -> W x H (x C), contiguous; OpenCV's transpose where it takes the pixel size."""
+    if array.ndim == 2 or array.shape[2] in (1, 3, 4):
+        return cv2.transpose(array).reshape((array.shape[1], array.shape[0]) + array.shape[2:])
+    return np.ascontiguousarray(array.transpose(1, 0, 2))
 
 
 def scale_crop_window(image, label, size, top, left, crop_size, ignore_index=255, flip_rows=False,
-                      flip_cols=False):
+                      flip_cols=False, k=0):
     """The crop [top, top + crop_size) x [left, ...) of image/label resized to `size`, padded (image 0,
-    label ignore_index) where the resized image ends, computing only the pixels that land in the crop.
+    label ignore_index) where the resized image ends, then flipped (rows, columns) and rotated by
+    k x 90 degrees (as torch.rot90 on (H, W)); only the output pixels are computed.
 
-    image H x W x C (uint8 or float), label H x W. Equal to resizing the whole image (bilinear image,
-    nearest label) and cutting the crop; a uint8 image is rounded back to uint8 (0.5/255 at most).
-    flip_rows / flip_cols then flip the whole crop (padding included) at no cost: the index arrays
-    are reversed instead of the pixels.
+    image H x W x C (uint8 or float32, any number of bands), label H x W (uint8 or uint16). The image
+    is sampled bilinearly like torch's `interpolate(bilinear, align_corners=False)` (half-pixel centres,
+    edges replicated); OpenCV's 8-bit kernel lands within 0.53/255 of the exact value (0.5/255 would be
+    exact arithmetic rounded once), float32 within float32 error. The label is sampled like torch's
+    `interpolate(nearest)`: source row floor(y * H / H'), in exact arithmetic.
+
+    One `cv2.warpAffine` per array does the scale, crop offset, flips and the 180-degree rotation
+    (one affine map); 90 and 270 degrees are a flip in that map and a transpose of the crop after it
+    (a warp whose map swaps the axes reads the source column-wise, 3-9x slower than warp + transpose).
     """
     h, w = label.shape
     out_h, out_w = size
-    rows = max(0, min(crop_size, out_h - top))  # output rows inside the resized image
-    cols = max(0, min(crop_size, out_w - left))
     channels = image.shape[2]
+    # rot90(F, 1) = transpose(F[:, ::-1]); rot90(F, 2) = F[::-1, ::-1]; rot90(F, 3) = transpose(F[::-1])
+    k %= 4
+    flip_cols ^= k in (1, 2)
+    flip_rows ^= k in (2, 3)
     out_image = np.zeros((crop_size, crop_size, channels), dtype=image.dtype)
     out_label = np.full((crop_size, crop_size), ignore_index, dtype=label.dtype)
-    if rows == 0 or cols == 0:
-        return out_image, out_label
-    # where the valid block lands in the (possibly flipped) crop; reversed taps flip it
-    rs = slice(crop_size - rows, crop_size) if flip_rows else slice(0, rows)
-    cs = slice(crop_size - cols, crop_size) if flip_cols else slice(0, cols)
-    ry = slice(None, None, -1) if flip_rows else slice(None)
-    rx = slice(None, None, -1) if flip_cols else slice(None)
-    if (out_h, out_w) == (h, w):  # scale 1: a plain copy
-        out_image[rs, cs] = image[top:top + rows, left:left + cols][ry, rx]
-        out_label[rs, cs] = label[top:top + rows, left:left + cols][ry, rx]
-        return out_image, out_label
-
-    y_idx = _nearest_taps(top, rows, h, out_h)[ry]
-    x_idx = _nearest_taps(left, cols, w, out_w)[rx]
-    out_label[rs, cs] = label.take(y_idx, axis=0).take(x_idx, axis=1)
-
-    y0, y1, wy = (a[ry] for a in _bilinear_taps(top, rows, h, out_h))
-    x0, x1, wx = (a[rx] for a in _bilinear_taps(left, cols, w, out_w))
-    # rows first (only the source columns the crop needs), then columns; `take` on a flattened
-    # (column, channel) axis is numpy's fastest gather
-    c_lo, c_hi = int(x0.min()), int(x1.max()) + 1
-    window = image[:, c_lo:c_hi].reshape(h, -1) if image.flags.c_contiguous else \
-        np.ascontiguousarray(image[:, c_lo:c_hi]).reshape(h, -1)
-    top_rows = window.take(y0, axis=0).astype(np.float32)
-    blended = window.take(y1, axis=0).astype(np.float32)
-    blended -= top_rows
-    blended *= wy[:, None]
-    blended += top_rows  # rows x (window columns * C)
-    lane = np.arange(channels)
-    left_cols = blended.take(((x0 - c_lo)[:, None] * channels + lane).ravel(), axis=1)
-    result = blended.take(((x1 - c_lo)[:, None] * channels + lane).ravel(), axis=1)
-    result -= left_cols
-    result *= np.repeat(wx, channels)[None, :]
-    result += left_cols
-    result = result.reshape(rows, cols, channels)
-    if image.dtype == np.uint8:
-        np.rint(result, out=result)
-        np.clip(result, 0, 255, out=result)
-    out_image[rs, cs] = result
+    rows = max(0, min(crop_size, out_h - top))  # crop rows / columns inside the resized image
+    cols = max(0, min(crop_size, out_w - left))
+    if rows and cols:
+        y0, n_rows, ay, by = _axis_map(top, rows, crop_size, flip_rows)
+        x0, n_cols, ax, bx = _axis_map(left, cols, crop_size, flip_cols)
+        sx, sy = w / out_w, h / out_h
+        # image: half-pixel centres, source x = (u + 0.5) * sx - 0.5 for rescaled-image column u;
+        # replicated edges are torch's clamping of the source position
+        bilinear = np.array([[ax * sx, 0.0, (bx + 0.5) * sx - 0.5], [0.0, ay * sy, (by + 0.5) * sy - 0.5]])
+        # label: floor(u * sx) is the nearest integer to u * sx - 0.5 + 0.5 / out_w (u * sx is a multiple
+        # of 1 / out_w, so this stays half a step clear of any rounding boundary; checked exact up to
+        # 2048 px rescaled to 4096)
+        nearest = np.array([[ax * sx, 0.0, bx * sx - 0.5 + 0.5 / out_w], [0.0, ay * sy, by * sy - 0.5 + 0.5 / out_h]])
+        block = (slice(y0, y0 + n_rows), slice(x0, x0 + n_cols))
+        dsize = (n_cols, n_rows)
+        for chunk in _channel_chunks(channels):
+            part = image if chunk.stop - chunk.start == channels else np.ascontiguousarray(image[:, :, chunk])
+            warped = cv2.warpAffine(part, bilinear, dsize, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_REPLICATE)
+            out_image[block + (chunk,)] = warped.reshape(n_rows, n_cols, -1)
+        out_label[block] = cv2.warpAffine(label, nearest, dsize, flags=cv2.WARP_INVERSE_MAP | cv2.INTER_NEAREST,
+                                          borderMode=cv2.BORDER_CONSTANT, borderValue=ignore_index)
+    if k in (1, 3):
+        return _transpose(out_image), _transpose(out_label)
     return out_image, out_label
 
 
@@ -205,20 +210,11 @@ class RandomScaleCrop:
         return scale_crop_window(image, label, size, top, left, self.crop_size, self.ignore_index)
 
 
-def _transpose(image, label):
-    """Swap the two spatial axes into new contiguous arrays (per channel plane: numpy copies a 2-D
-    transpose far faster than one with 3 interleaved channels)."""
-    out = np.empty((image.shape[1], image.shape[0], image.shape[2]), dtype=image.dtype)
-    for c in range(image.shape[2]):
-        out[:, :, c] = image[:, :, c].T
-    return out, np.ascontiguousarray(label.T)
-
-
 class RandomScaleCropFlipRotate:
     """RandomScaleCrop, RandomHorizontalFlip, RandomVerticalFlip and RandomRotation90 in one step, with
-    the same random draws in the same order (hence the same outputs): the flips, and a rotation by
-    180 degrees, are folded into the resampling's index arrays (free); 90 / 270 degrees add one
-    transpose of the uint8 crop. numpy image H x W x C and label H x W in and out.
+    the same random draws in the same order: one `cv2.warpAffine` per array (scale, crop offset, flips,
+    180 degrees), plus a transpose for 90 / 270 degrees (`scale_crop_window`). numpy image H x W x C
+    and label H x W in and out.
     """
 
     def __init__(self, crop_size, scale=(0.5, 2.0), ignore_index=255, p_flip=0.5):
@@ -230,16 +226,8 @@ class RandomScaleCropFlipRotate:
         size, top, left = sc.draw(*label.shape[-2:])
         flip_cols, flip_rows = _coin(self.p_flip), _coin(self.p_flip)  # horizontal first, as in Compose
         k = int(torch.randint(0, 4, ()).item())
-        # rot90(F, 1) = transpose(F[:, ::-1]); rot90(F, 2) = F[::-1, ::-1]; rot90(F, 3) = transpose(F[::-1])
-        if k in (1, 2):
-            flip_cols = not flip_cols
-        if k in (2, 3):
-            flip_rows = not flip_rows
-        image, label = scale_crop_window(image, label, size, top, left, sc.crop_size, sc.ignore_index,
-                                         flip_rows=flip_rows, flip_cols=flip_cols)
-        if k in (1, 3):
-            image, label = _transpose(image, label)
-        return image, label
+        return scale_crop_window(image, label, size, top, left, sc.crop_size, sc.ignore_index,
+                                 flip_rows=flip_rows, flip_cols=flip_cols, k=k)
 
 
 class ToUint8:
