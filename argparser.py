@@ -380,26 +380,21 @@ def finalize(opts: argparse.Namespace) -> argparse.Namespace:
     if opts.lr_policy == "step" and opts.lr_decay_step <= 0:
         raise UserError(f"--lr_policy step needs a positive step size in iterations (got {opts.lr_decay_step}); "
                         f"set --lr_decay_step")
-    get_method_class(opts.method).validate(opts)  # the method's own options, and which it cannot combine
+    get_method_class(opts.method).validate(method_options(opts))  # its own options, and which it cannot combine
     return opts
 
 
 def _finalize_protocol(opts: argparse.Namespace) -> None:
-    """Filter mode (--overlap is its alias for `overlap`), split suffix, validation and early stopping."""
-    mode = getattr(opts, "filter_mode", None)
-    if getattr(opts, "overlap", False):
-        if mode not in (None, "overlap"):
-            raise UserError(f"--overlap and --filter_mode {mode} contradict each other; give one of them")
-        mode = "overlap"
+    """Filter mode (--overlap is its alias for `overlap`) and split suffix, settled by the data's own rules
+    (dataset.options.DataOptions) in the options' words; validation and early stopping."""
+    mode = opts.filter_mode or ("overlap" if opts.overlap else None)
     try:
-        opts.filter_mode = tasks.check_filter_mode(opts.dataset, opts.task, mode)
+        data = data_options(opts)
     except UserError as err:
-        raise err.reworded(mode=f"--filter_mode {mode}") from None
-    opts.overlap = opts.filter_mode == "overlap"
-    opts.split_suffix = tasks.split_suffix(opts.dataset, opts.task, opts.filter_mode)
-    fraction = getattr(opts, "val_fraction", None)
-    if fraction is not None and not 0 < fraction < 1:
-        raise UserError(f"--val_fraction {fraction}: give a fraction of the training crops between 0 and 1")
+        raise err.reworded(overlap="--overlap", mode=f"--filter_mode {mode}",
+                           fraction=f"--val_fraction {opts.val_fraction}") from None
+    opts.filter_mode, opts.overlap, opts.split_suffix = data.filter_mode, data.overlap, data.split_suffix
+    fraction = opts.val_fraction
     patience = getattr(opts, "patience", 0) or 0
     if patience < 0:
         raise UserError(f"--patience must be 0 (off) or a number of epochs (got {patience})")

@@ -45,9 +45,11 @@ class DataOptions:
     def __post_init__(self):
         tasks.prepare(self.dataset, self.data_root, self.task_file)
         mode = self.filter_mode
+        # a command line names its options in place of the parts {overlap}, {mode} and {fraction}
         if self.overlap:
             if mode not in (None, "overlap"):
-                raise UserError(f"overlap and filter mode {mode} contradict each other; give one of them")
+                raise UserError("{overlap} and {mode} contradict each other; give one of them", overlap="overlap",
+                                mode=f"filter mode {mode}")
             mode = "overlap"
         settled = {"filter_mode": tasks.check_filter_mode(self.dataset, self.task, mode)}
         settled["overlap"] = settled["filter_mode"] == "overlap"
@@ -55,7 +57,8 @@ class DataOptions:
         if fraction is None and self.cross_val:
             fraction = CROSS_VAL_FRACTION
         if fraction is not None and not 0 < fraction < 1:
-            raise UserError(f"validation fraction {fraction}: give a fraction of the training crops between 0 and 1")
+            raise UserError("{fraction}: give a fraction of the training crops between 0 and 1",
+                            fraction=f"validation fraction {fraction}")
         settled["val_fraction"] = fraction
         settled["test_unseen"] = self.test_unseen or default_unseen(self.dataset, self.task)
         synthetic = tasks.synthetic_background(self.dataset, self.task)
